@@ -1,0 +1,1 @@
+"""Shared vocabulary of the BIG5-CHAT stack: traits, prompts, settings, storage."""

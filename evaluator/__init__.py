@@ -1,0 +1,1 @@
+"""Evaluation of personality induction: questionnaire inventories, scoring and reports."""

@@ -1,0 +1,1 @@
+"""Alembic migrations for every table in ``big5core.models.Base.metadata``."""

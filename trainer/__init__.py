@@ -1,0 +1,1 @@
+"""Training of BIG5-CHAT personality adapters: dataset loading, filtering and SFT/DPO runs."""
