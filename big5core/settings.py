@@ -53,7 +53,7 @@ class ServiceSettings(BaseModel):
 
 
 class TrainerSettings(BaseModel):
-    lease_seconds: int = Field(120, ge=5, description="A job is reclaimable this long after its last heartbeat.")
+    lease_seconds: int = Field(120, ge=2, description="A job is reclaimable this long after its last heartbeat.")
     heartbeat_seconds: int = Field(20, ge=1)
     max_attempts: int = Field(3, ge=1)
     poll_seconds: float = Field(2.0, gt=0)

@@ -5,12 +5,9 @@ released ``big5_chat_dataset.csv``, ``"bundled:sample"`` (the small stand-in shi
 ``trainer/data``), or a Hugging Face dataset name such as ``"wenkai-li/big5_chat"`` (needs a
 network and the ``datasets`` package, imported only then).
 
-Layouts of the training examples:
-
-- ``unified``: one adapter for all ten trait-level conditions; the paper's instruction
-  (:func:`big5core.prompts.unified_instruction`) precedes Speaker X's words in the user turn.
-- ``per-trait``: one adapter per trait-level condition; the adapter is the persona, so the
-  prompt is Speaker X's words alone.
+Layouts: ``unified`` is the paper's one adapter for all ten trait-level conditions, the instruction
+before Speaker X's words in the user turn; ``per-trait`` is one adapter per trait-level condition,
+the adapter itself the persona, so the prompt is Speaker X's words alone.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,8 +44,8 @@ DATASET_FILENAME = "big5_chat_dataset.csv"
 
 Layout = Literal["unified", "per-trait"]
 Record = dict[str, Any]
-SftExample = dict[str, list[ChatMessage]]
-DpoPair = dict[str, list[ChatMessage]]
+Example = dict[str, list[ChatMessage]]
+"""A TRL conversational example: ``{"messages": ...}`` (SFT) or ``{"prompt", "chosen", "rejected"}`` (DPO)."""
 
 _LAYOUTS: tuple[str, ...] = ("unified", "per-trait")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -61,10 +58,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
-    """One dialogue: Speaker X opens, Speaker Y answers at ``level`` of ``trait``.
-
-    A null text cell is loaded as ``""``; :func:`filter_artifacts` drops and counts it.
-    """
+    """One dialogue: Speaker X opens, Speaker Y answers at ``level`` of ``trait``; null texts load as ``""``."""
 
     scenario: str
     trait: Trait
@@ -92,8 +86,7 @@ def load_rows(source: str | Path) -> list[Row]:
     and dropped by :func:`filter_artifacts`.
     """
     records, origin = _read_source(source)
-    _validate(records, origin)
-    rows = [_to_row(record) for record in records]
+    rows = _to_rows(records, origin)
     n_null = sum(1 for row in rows if _is_null_text(row.speaker_x) or _is_null_text(row.speaker_y))
     logger.info("loaded %d rows from %s (%d with a null speaker text)", len(rows), origin, n_null)
     return rows
@@ -147,15 +140,14 @@ def _read_jsonl(path: Path) -> list[Record]:
                 raise DatasetError(f"{path}: line {line_no} is not a JSON object")
             records.append(record)
     if not records:
-        raise DatasetError(f"empty file: {path}")
+        raise DatasetError(f"empty file: {path}")  # blank lines only
     return records
 
 
 def _read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet as pq  # heavy, and only needed for this format
 
-    table = pq.read_table(path)
-    records: list[Record] = table.to_pylist()
+    records: list[Record] = pq.read_table(path).to_pylist()
     return records
 
 
@@ -177,47 +169,38 @@ def _read_hub(name: str) -> list[Record]:
 
 def _cell(value: Any) -> Any:
     """A cell with NaN (pandas/JSON nulls) mapped to None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _text(value: Any) -> str:
-    value = _cell(value)
-    return "" if value is None else str(value)
+    return "" if (value := _cell(value)) is None else str(value)
 
 
 def _scenario_id(value: Any) -> str | None:
     value = _cell(value)
-    if value is None:
-        return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # an int column with nulls read as float
-    text = str(value).strip()
-    return text or None
+    return None if value is None else (str(value).strip() or None)
 
 
-def _parse_trait(value: Any) -> Trait | None:
-    value = _cell(value)
-    if not isinstance(value, str):
-        return None
+def _label(parse: Callable[[str], Trait | Level], value: Any) -> Any:
     try:
-        return Trait.parse(value)
+        return parse(value) if isinstance(value, str) else None
     except ValueError:
         return None
 
 
-def _parse_level(value: Any) -> Level | None:
-    value = _cell(value)
-    if not isinstance(value, str):
-        return None
-    try:
-        return Level(value.strip().lower())
-    except ValueError:
-        return None
+def _where(bad: dict[str, list[int]], limit: int = 5) -> str:
+    """``'x' at rows 3, 7; null at row 9`` (1-based row numbers, header excluded)."""
+    items = []
+    for value, row_nos in list(bad.items())[:limit]:
+        shown = ", ".join(str(n) for n in row_nos[:limit]) + (" and more" if len(row_nos) > limit else "")
+        items.append(f"{value} at row{'s' if len(row_nos) > 1 else ''} {shown}")
+    return "; ".join(items) + (" and more" if len(bad) > limit else "")
 
 
-def _validate(records: Sequence[Record], origin: str) -> None:
+def _to_rows(records: Sequence[Record], origin: str) -> list[Row]:
+    """Check columns and label values of every record, then convert; raise one error naming every problem."""
     if not records:
         raise DatasetError(f"no rows in {origin}")
     columns: set[str] = set()
@@ -226,61 +209,31 @@ def _validate(records: Sequence[Record], origin: str) -> None:
     missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:
         raise DatasetError(f"{origin}: missing required column(s): {', '.join(missing)}")
-    bad_ids: list[int] = []
-    bad_traits: dict[str, list[int]] = {}
-    bad_levels: dict[str, list[int]] = {}
+    bad: dict[str, dict[str, list[int]]] = {"original_index": {}, "trait": {}, "level": {}}
+    rows: list[Row] = []
     for row_no, record in enumerate(records, start=1):
-        if _scenario_id(record.get("original_index")) is None:
-            bad_ids.append(row_no)
-        if _parse_trait(record.get("trait")) is None:
-            bad_traits.setdefault(_shown(record.get("trait")), []).append(row_no)
-        if _parse_level(record.get("level")) is None:
-            bad_levels.setdefault(_shown(record.get("level")), []).append(row_no)
-    problems: list[str] = []
-    if bad_ids:
-        problems.append(f"null original_index at {_rows_text(bad_ids)}")
-    if bad_traits:
-        names = ", ".join(t.value for t in TRAITS)
-        problems.append(f"unknown trait value(s) {_values_text(bad_traits)} (expected one of {names})")
-    if bad_levels:
-        problems.append(f"unknown level value(s) {_values_text(bad_levels)} (expected high or low)")
+        scenario = _scenario_id(record.get("original_index"))
+        trait = _label(Trait.parse, _cell(record.get("trait")))
+        level = _label(lambda v: Level(v.strip().lower()), _cell(record.get("level")))
+        for column, parsed in (("original_index", scenario), ("trait", trait), ("level", level)):
+            if parsed is None:
+                value = _cell(record.get(column))
+                bad[column].setdefault("null" if value is None else repr(value), []).append(row_no)
+        if scenario is not None and trait is not None and level is not None:
+            instruction = _text(record.get("train_instruction")).strip() or None
+            speaker_x, speaker_y = _text(record.get("train_input")), _text(record.get("train_output"))
+            rows.append(Row(scenario, trait, level, speaker_x, speaker_y, instruction))
+    problems = []
+    if bad["original_index"]:
+        problems.append(f"null original_index: {_where(bad['original_index'])}")
+    if bad["trait"]:
+        expected = ", ".join(t.value for t in TRAITS)
+        problems.append(f"unknown trait value(s): {_where(bad['trait'])} (expected one of {expected})")
+    if bad["level"]:
+        problems.append(f"unknown level value(s): {_where(bad['level'])} (expected high or low)")
     if problems:
         raise DatasetError(f"{origin}: " + "; ".join(problems))
-
-
-def _shown(value: Any) -> str:
-    value = _cell(value)
-    return "null" if value is None else repr(value)
-
-
-def _rows_text(row_nos: list[int], limit: int = 5) -> str:
-    shown = ", ".join(str(n) for n in row_nos[:limit])
-    more = f" and {len(row_nos) - limit} more" if len(row_nos) > limit else ""
-    return f"row{'s' if len(row_nos) > 1 else ''} {shown}{more}"
-
-
-def _values_text(bad: dict[str, list[int]], limit: int = 5) -> str:
-    items = [f"{value} at {_rows_text(row_nos)}" for value, row_nos in list(bad.items())[:limit]]
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return ", ".join(items) + more
-
-
-def _to_row(record: Record) -> Row:
-    trait, level, scenario = (
-        _parse_trait(record["trait"]),
-        _parse_level(record["level"]),
-        _scenario_id(record["original_index"]),
-    )
-    assert trait is not None and level is not None and scenario is not None  # checked by _validate
-    instruction = _text(record.get("train_instruction")).strip() or None
-    return Row(
-        scenario=scenario,
-        trait=trait,
-        level=level,
-        speaker_x=_text(record["train_input"]),
-        speaker_y=_text(record["train_output"]),
-        instruction=instruction,
-    )
+    return rows
 
 
 # ----------------------------------------------------------------------------- filtering
@@ -336,9 +289,6 @@ class FilterReport:
     @property
     def dropped(self) -> int:
         return sum(getattr(self, reason) for reason in self.REASONS)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def format(self) -> str:
         """A plain-text table: one line per reason, then totals, with shares of the input."""
@@ -397,11 +347,6 @@ def filter_artifacts(records: Iterable[Row]) -> tuple[list[Row], FilterReport]:
 # ----------------------------------------------------------------------------- selection and splits
 
 
-def _scenario_bucket(scenario: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}\x00{scenario}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
 def split_by_scenario(rows: Sequence[Row], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Row], list[Row]]:
     """(train, test), with a scenario's rows always on one side.
 
@@ -417,7 +362,8 @@ def split_by_scenario(rows: Sequence[Row], test_fraction: float = 0.1, seed: int
     for row in rows:
         in_test = side.get(row.scenario)
         if in_test is None:
-            in_test = side[row.scenario] = _scenario_bucket(row.scenario, seed) < test_fraction
+            digest = hashlib.sha256(f"{seed}\x00{row.scenario}".encode()).digest()
+            in_test = side[row.scenario] = int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction
         (test if in_test else train).append(row)
     return train, test
 
@@ -446,7 +392,7 @@ def _check_layout(rows: Sequence[Row], layout: Layout) -> None:
             )
 
 
-def sft_examples(rows: Sequence[Row], layout: Layout) -> list[SftExample]:
+def sft_examples(rows: Sequence[Row], layout: Layout) -> list[Example]:
     """TRL conversational SFT examples ``{"messages": [user, assistant]}``.
 
     unified: the user turn is the paper's instruction, a blank line, then Speaker X's words (the
@@ -459,7 +405,7 @@ def sft_examples(rows: Sequence[Row], layout: Layout) -> list[SftExample]:
 
 def dpo_pairs(
     rows: Sequence[Row], layout: Layout, *, trait: Trait | None = None, level: Level | None = None
-) -> tuple[list[DpoPair], int]:
+) -> tuple[list[Example], int]:
     """TRL conversational preference pairs ``{"prompt", "chosen", "rejected"}`` and the unpaired count.
 
     Every row matching ``trait``/``level`` (all rows by default) is a target: chosen is its reply,
@@ -474,7 +420,7 @@ def dpo_pairs(
     partners: dict[tuple[str, Trait, Level], Row] = {}
     for row in rows:
         partners.setdefault((row.scenario, row.trait, row.level), row)
-    pairs: list[DpoPair] = []
+    pairs: list[Example] = []
     unpaired = 0
     for row in targets:
         partner = partners.get((row.scenario, row.trait, row.level.opposite))
@@ -497,7 +443,7 @@ def dataset_hash(rows: Iterable[Row]) -> str:
     """sha256 (hex) of the rows in order: one compact JSON array per row, newline-separated."""
     digest = hashlib.sha256(b"big5chat-rows-v1\n")
     for r in rows:
-        fields_ = [r.scenario, r.trait.value, r.level.value, r.speaker_x, r.speaker_y, r.instruction]
-        digest.update(json.dumps(fields_, ensure_ascii=False, separators=(",", ":")).encode())
+        values = [r.scenario, r.trait.value, r.level.value, r.speaker_x, r.speaker_y, r.instruction]
+        digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode())
         digest.update(b"\n")
     return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""FastAPI service: personality-conditioned generation through vLLM with multi-LoRA switching."""

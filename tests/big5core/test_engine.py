@@ -1,0 +1,241 @@
+"""PersonaEngine against the real vLLM engine on the bundled model (one engine for the module).
+
+Each test drives the engine with ``asyncio.run``, i.e. from a fresh event loop, which is itself a
+check that the engine's coroutines do not depend on the loop that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from big5core.engine import (
+    EngineNotReady,
+    GenerationResult,
+    PersonaEngine,
+    PromptTooLong,
+    SamplingOptions,
+)
+from big5core.lora import LLAMA_TARGET_MODULES, make_zero_adapter
+from big5core.prompts import ChatMessage
+from tests.engine_support import TEST_ENGINE, engine_model_path, start_test_engine
+
+GREEDY = SamplingOptions(max_tokens=48)
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Describe your ideal weekend.",
+    "How do you feel about meeting new people?",
+    "Give me one tip for staying organised.",
+    "What do you do when plans change at the last minute?",
+]
+
+
+def chat(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersonaEngine]:
+    started = start_test_engine(tmp_path_factory.mktemp("engine"))
+    yield started
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def random_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rank-8 PEFT adapter on all seven projections with random, NONZERO lora_B weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    base = AutoModelForCausalLM.from_pretrained(engine_model_path(), dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=list(LLAMA_TARGET_MODULES), init_lora_weights=False, bias="none"
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    out = tmp_path_factory.mktemp("adapters") / "random"
+    model.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------ no engine needed
+
+
+def test_not_started_engine_refuses(tmp_path: Path) -> None:
+    idle = PersonaEngine("unused-model", TEST_ENGINE, work_dir=tmp_path)
+    assert not idle.ready and not idle.starting and idle.error is None
+    with pytest.raises(EngineNotReady):
+        asyncio.run(idle.generate(chat("hi"), GREEDY))
+
+
+@pytest.mark.slow
+def test_zero_adapter_is_a_peft_noop(tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = make_zero_adapter(engine_model_path(), tmp_path, rank=8)
+    assert make_zero_adapter(engine_model_path(), tmp_path, rank=8) == path  # written once, then reused
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == sorted(LLAMA_TARGET_MODULES)
+    base = AutoModelForCausalLM.from_pretrained(engine_model_path(), dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = base(ids).logits
+        peft = PeftModel.from_pretrained(base, path)
+        assert sum(p.abs().sum().item() for n, p in peft.named_parameters() if "lora_B" in n) == 0.0
+        assert torch.equal(peft(ids).logits, expected)
+
+
+# ------------------------------------------------------------------ the real engine
+
+
+@pytest.mark.slow
+def test_greedy_generation(engine: PersonaEngine) -> None:
+    assert engine.ready and engine.error is None and engine.zero_adapter is not None
+    result = asyncio.run(engine.generate(chat(QUESTIONS[0]), SamplingOptions(max_tokens=64)))
+    assert result.text.strip()
+    assert "paris" in result.text.lower()
+    assert result.finish_reason == "stop"
+    assert 0 < result.completion_tokens <= 64
+    assert result.prompt_tokens == engine.count_tokens(engine.render(chat(QUESTIONS[0])))
+
+    capped = asyncio.run(engine.generate(chat(QUESTIONS[1]), SamplingOptions(max_tokens=5)))
+    assert capped.finish_reason == "length" and capped.completion_tokens == 5
+
+
+@pytest.mark.slow
+def test_stream_equals_generate(engine: PersonaEngine) -> None:
+    async def both() -> tuple[GenerationResult, list[str], list[int]]:
+        whole = await engine.generate(chat(QUESTIONS[1]), GREEDY)
+        pieces, counts = [], []
+        async for chunk in engine.stream(chat(QUESTIONS[1]), GREEDY):
+            pieces.append(chunk.delta_text)
+            counts.append(chunk.completion_tokens)
+            last = chunk
+        assert last.finish_reason == whole.finish_reason
+        return whole, pieces, counts
+
+    whole, pieces, counts = asyncio.run(both())
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole.text
+    assert counts == sorted(counts) and counts[-1] == whole.completion_tokens
+
+
+@pytest.mark.slow
+def test_abandoned_stream_leaves_engine_usable(engine: PersonaEngine) -> None:
+    async def abandon() -> GenerationResult:
+        stream = engine.stream(chat(QUESTIONS[2]), SamplingOptions(max_tokens=128))
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        return await engine.generate(chat(QUESTIONS[0]), GREEDY)
+
+    assert "paris" in asyncio.run(abandon()).text.lower()
+
+
+@pytest.mark.slow
+def test_option_scores(engine: PersonaEngine) -> None:
+    messages = chat("Rate from 1 (very inaccurate) to 5 (very accurate): 'I am the life of the party.' Answer:")
+    scores = asyncio.run(engine.option_scores(messages))
+    assert len(scores.probs) == 5 and len(scores.raw) == 5
+    assert sum(scores.probs) == pytest.approx(1.0)
+    assert 0.0 < scores.mass <= 1.0 + 1e-6
+    assert scores.mass == pytest.approx(sum(scores.raw))
+    assert all(p >= 0 for p in scores.probs)
+    with pytest.raises(ValueError, match="single tokens"):
+        asyncio.run(engine.option_scores(messages, options=["very accurate", "inaccurate"]))
+
+
+@pytest.mark.slow
+def test_prompt_too_long(engine: PersonaEngine) -> None:
+    huge = chat("word " * (engine.max_model_len + 10))
+    with pytest.raises(PromptTooLong) as info:
+        asyncio.run(engine.generate(huge, GREEDY))
+    assert str(engine.max_model_len) in str(info.value)
+    prompt_tokens = engine.count_tokens(engine.render(chat("hello")))
+    with pytest.raises(PromptTooLong, match=f"{prompt_tokens} tokens"):
+        asyncio.run(engine.generate(chat("hello"), SamplingOptions(max_tokens=engine.max_model_len)))
+
+
+@pytest.mark.slow
+def test_register_lora_once_with_stable_id(engine: PersonaEngine, random_lora: Path) -> None:
+    async def scenario() -> None:
+        handles = await asyncio.gather(*(engine.register_lora("twice", random_lora) for _ in range(4)))
+        assert len({h.int_id for h in handles}) == 1
+        assert engine.zero_adapter is not None and handles[0].int_id != engine.zero_adapter.int_id
+        assert "twice" in engine.loras
+        assert await engine.remove_lora("twice") is True
+        assert await engine.remove_lora("twice") is False
+        again = await engine.register_lora("twice", random_lora)
+        assert again.int_id == handles[0].int_id
+        await engine.remove_lora("twice")
+        with pytest.raises(ValueError, match="reserved"):
+            await engine.register_lora(engine.zero_adapter.name, random_lora)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_random_adapter_changes_output(engine: PersonaEngine, random_lora: Path) -> None:
+    async def scenario() -> tuple[str, str]:
+        handle = await engine.register_lora("random", random_lora)
+        base = await engine.generate(chat(QUESTIONS[1]), GREEDY)
+        tuned = await engine.generate(chat(QUESTIONS[1]), GREEDY, lora=handle)
+        return base.text, tuned.text
+
+    base, tuned = asyncio.run(scenario())
+    assert tuned.strip() and base != tuned
+
+
+@pytest.mark.slow
+def test_base_request_in_mixed_batch_is_unaffected(engine: PersonaEngine, random_lora: Path) -> None:
+    """The vLLM-CPU LoRA bug: a base request batched with adapter requests must stay the base."""
+
+    async def scenario() -> None:
+        handle = await engine.register_lora("random", random_lora)
+        base_prompt = chat(QUESTIONS[1])
+        adapter_prompts = [chat(q) for q in QUESTIONS]
+        base_alone = (await engine.generate(base_prompt, GREEDY)).text
+        adapter_alone = [(await engine.generate(p, GREEDY, lora=handle)).text for p in adapter_prompts]
+        assert adapter_alone[1] != base_alone  # the adapter matters for this very prompt
+
+        calls = [engine.generate(p, GREEDY, lora=handle) for p in adapter_prompts]
+        calls.insert(2, engine.generate(base_prompt, GREEDY))
+        mixed = [r.text for r in await asyncio.gather(*calls)]
+        base_mixed = mixed.pop(2)
+        assert base_mixed == base_alone
+        assert mixed == adapter_alone
+        # ... and a base request issued right after adapter traffic is still the base.
+        assert (await engine.generate(base_prompt, GREEDY)).text == base_alone
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_callable_from_several_event_loops(engine: PersonaEngine) -> None:
+    first = asyncio.run(engine.generate(chat(QUESTIONS[3]), GREEDY)).text
+    second = asyncio.run(engine.generate(chat(QUESTIONS[3]), GREEDY)).text
+    assert first == second
+
+    results: dict[int, str] = {}
+
+    def in_thread(index: int) -> None:  # two loops in two threads at the same time
+        results[index] = asyncio.run(engine.generate(chat(QUESTIONS[3]), GREEDY)).text
+
+    threads = [threading.Thread(target=in_thread, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results == {0: first, 1: first}

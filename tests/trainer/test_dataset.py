@@ -1,0 +1,381 @@
+"""Tests for trainer.dataset: loading, validation, filtering, splits and the TRL example builders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import types
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from big5core.prompts import unified_instruction
+from big5core.traits import TRAITS, Level, Trait
+from trainer.dataset import (
+    BUNDLED_SAMPLE,
+    DATASET_FILENAME,
+    REQUIRED_COLUMNS,
+    DatasetError,
+    FilterReport,
+    Row,
+    bundled_sample_path,
+    dataset_hash,
+    dpo_pairs,
+    filter_artifacts,
+    load_rows,
+    near_duplicate_key,
+    select,
+    sft_examples,
+    split_by_scenario,
+)
+
+ALL_ARMS = {(trait, level) for trait in TRAITS for level in Level}
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[Row]:
+    return load_rows(BUNDLED_SAMPLE)
+
+
+def make_row(reply: str, scenario: str = "s0", x: str = "Want to come to the party?", **kw: Any) -> Row:
+    return Row(
+        scenario=scenario,
+        trait=kw.get("trait", Trait.EXTRAVERSION),
+        level=kw.get("level", Level.HIGH),
+        speaker_x=x,
+        speaker_y=reply,
+        instruction=None,
+    )
+
+
+def write_csv(path: Path, records: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    columns = columns or list(records[0])
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in columns} for r in records)
+    return path
+
+
+def sample_records(n: int = 4) -> list[dict[str, Any]]:
+    with bundled_sample_path().open(newline="", encoding="utf-8") as handle:
+        return [dict(r) for _, r in zip(range(n), csv.DictReader(handle), strict=False)]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_bundled_sample_has_every_arm_of_every_scenario(sample: list[Row]) -> None:
+    assert len(sample) == 700
+    arms: dict[str, set[tuple[Trait, Level]]] = {}
+    for row in sample:
+        arms.setdefault(row.scenario, set()).add((row.trait, row.level))
+    assert len(arms) == 70
+    assert all(found == ALL_ARMS for found in arms.values())
+    assert all(row.instruction == unified_instruction(row.trait, row.level) for row in sample)
+    assert all(row.speaker_x and row.speaker_y for row in sample)
+
+
+def test_filtering_keeps_the_whole_sample(sample: list[Row]) -> None:
+    kept, report = filter_artifacts(sample)
+    assert kept == sample
+    assert report == FilterReport(total_in=700, kept=700)
+    assert report.dropped == 0
+
+
+def test_path_folder_jsonl_and_parquet_load_the_same_rows(sample: list[Row], tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = sample_records(700)
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(bundled_sample_path(), folder / DATASET_FILENAME)
+    jsonl = tmp_path / "big5.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    parquet = tmp_path / "big5.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "original_index": int(r["original_index"])} for r in records]), parquet)
+    expected = dataset_hash(sample)
+    for source in (bundled_sample_path(), str(bundled_sample_path()), folder, jsonl, parquet):
+        assert dataset_hash(load_rows(source)) == expected, source
+
+
+def test_hub_name_goes_through_datasets_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand-in for the `datasets` package: the real hub needs a network this machine lacks.
+    calls: list[tuple[str, str]] = []
+
+    class FakeDataset:
+        def to_list(self) -> list[dict[str, Any]]:
+            return [{**r, "original_index": int(r["original_index"])} for r in sample_records(4)]
+
+    def load_dataset(name: str, split: str) -> FakeDataset:
+        calls.append((name, split))
+        return FakeDataset()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    rows = load_rows("wenkai-li/big5_chat")
+    assert calls == [("wenkai-li/big5_chat", "train")]
+    assert [r.scenario for r in rows] == ["0"] * 4
+
+
+def test_null_text_cells_load_and_are_filtered(tmp_path: Path) -> None:
+    records = sample_records(4)
+    records[1]["train_output"] = ""
+    records[2]["train_input"] = None
+    rows = load_rows(write_csv(tmp_path / "nulls.csv", records))
+    assert [r.speaker_y == "" for r in rows] == [False, True, False, False]
+    kept, report = filter_artifacts(rows)
+    assert report.null == 2 and report.kept == 2
+    assert kept == [rows[0], rows[3]]
+
+
+def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "minimal.csv", sample_records(2), list(REQUIRED_COLUMNS))
+    rows = load_rows(path)
+    assert [(r.trait, r.level, r.instruction) for r in rows] == [
+        (Trait.OPENNESS, Level.HIGH, None),
+        (Trait.OPENNESS, Level.LOW, None),
+    ]
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    columns = [c for c in sample_records(1)[0] if c not in ("level", "train_output")]
+    path = write_csv(tmp_path / "cols.csv", sample_records(2), columns)
+    with pytest.raises(DatasetError, match=r"missing required column\(s\): level, train_output"):
+        load_rows(path)
+
+
+def test_unknown_trait_names_value_and_row(tmp_path: Path) -> None:
+    records = sample_records(4)
+    records[2]["trait"] = "opennes"
+    with pytest.raises(DatasetError, match=r"unknown trait value\(s\): 'opennes' at row 3\b"):
+        load_rows(write_csv(tmp_path / "trait.csv", records))
+
+
+def test_unknown_level_names_value_and_rows(tmp_path: Path) -> None:
+    records = sample_records(4)
+    records[0]["level"] = "medium"
+    records[3]["level"] = "medium"
+    with pytest.raises(DatasetError, match=r"unknown level value\(s\): 'medium' at rows 1, 4\b"):
+        load_rows(write_csv(tmp_path / "level.csv", records))
+
+
+def test_empty_file_and_header_only(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="empty file"):
+        load_rows(empty)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text(",".join(REQUIRED_COLUMNS) + "\n")
+    with pytest.raises(DatasetError, match="no rows"):
+        load_rows(header_only)
+    blank_jsonl = tmp_path / "blank.jsonl"
+    blank_jsonl.write_text("\n\n")
+    with pytest.raises(DatasetError, match="empty file"):
+        load_rows(blank_jsonl)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.csv", None, "no such file or folder"),
+        ("data.txt", "x", "unsupported file type '.txt'"),
+        ("bad.jsonl", '{"trait": "openness"}\nnot json\n', "line 2 is not valid JSON"),
+        ("list.jsonl", "[1, 2]\n", "line 1 is not a JSON object"),
+    ],
+)
+def test_unusable_sources(tmp_path: Path, name: str, content: str | None, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        load_rows(path)
+
+
+def test_folder_without_release_csv(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=DATASET_FILENAME):
+        load_rows(tmp_path)
+
+
+# ----------------------------------------------------------------------------- filtering
+
+CLEAN = [
+    "Yes! I'll bring snacks and a speaker.",
+    "I can't help you move Saturday, I'm busy.",  # a low-agreeableness reply, not a refusal
+    "I'm sorry, but I can't make it this time.",
+    "See you at 5 :)",
+    "Two times 3*4 is 24, so bring plenty.",
+]
+REFUSALS = [
+    "I cannot create content that depicts a real person in a harmful way.",
+    "I can't fulfill that request.",
+    "As an AI, I don't go to parties.",
+    "I'm sorry, but I can't help with that request.",
+    "I can\u2019t assist with that.",
+    "As a language model I have no weekends.",
+]
+STAGE_DIRECTIONS = ["*sighs* Fine, I'll come.", "(laughs nervously) Sure, why not.", "Okay. *grabs coat*"]
+
+
+def test_planted_artifacts_are_dropped_and_counted() -> None:
+    rows = [make_row(text, scenario=f"c{i}") for i, text in enumerate(CLEAN)]
+    rows += [make_row(text) for text in REFUSALS + STAGE_DIRECTIONS]
+    rows += [make_row(""), make_row("   "), make_row("nan"), make_row("Fine.", x="")]
+    rows += [make_row(CLEAN[0], scenario="dup"), make_row("  " + CLEAN[2] + "\n", scenario="dup2")]
+    rows += [make_row("yes ill bring SNACKS, and a speaker", scenario="near", level=Level.LOW)]
+    rows += [make_row("See you at 5!", scenario="near2")]
+    kept, report = filter_artifacts(rows)
+    assert kept == rows[: len(CLEAN)]
+    assert report == FilterReport(
+        total_in=len(rows),
+        null=4,
+        refusal=len(REFUSALS),
+        stage_direction=len(STAGE_DIRECTIONS),
+        exact_duplicate=2,
+        near_duplicate=2,
+        kept=len(CLEAN),
+    )
+    assert report.dropped + report.kept == report.total_in
+    table = report.format()
+    for label in ("null", "refusal", "stage direction", "exact duplicate", "near duplicate", "kept", "total in"):
+        assert label in table
+    assert f"refusal{len(REFUSALS):>19}" in table
+
+
+def test_a_refusal_does_not_shadow_a_later_clean_copy() -> None:
+    # Only kept replies register as "seen": the first clean occurrence of a text is kept.
+    rows = [make_row("(shrugs) ok whatever"), make_row("ok whatever"), make_row("OK, whatever.")]
+    kept, report = filter_artifacts(rows)
+    assert kept == [rows[1]]
+    assert (report.stage_direction, report.near_duplicate) == (1, 1)
+
+
+@given(st.text(alphabet="abcXYZ  .,!?'-\n", max_size=40))
+def test_near_duplicate_key_ignores_case_punctuation_and_spacing(text: str) -> None:
+    key = near_duplicate_key(text)
+    assert near_duplicate_key(key) == key
+    assert near_duplicate_key("  " + text.upper() + " !! ") == key
+    assert "  " not in key and key == key.strip()
+
+
+# ----------------------------------------------------------------------------- splits and selection
+
+
+def test_split_separates_scenarios_and_is_deterministic(sample: list[Row]) -> None:
+    train, test = split_by_scenario(sample, test_fraction=0.2, seed=3)
+    assert not {r.scenario for r in train} & {r.scenario for r in test}
+    assert sorted(train + test, key=sample.index) == sample
+    assert train == [r for r in sample if r in train]  # order kept
+    assert 0 < len({r.scenario for r in test}) < 70
+    assert (train, test) == split_by_scenario(sample, test_fraction=0.2, seed=3)
+    assert split_by_scenario(sample, test_fraction=0.2, seed=4) != (train, test)
+
+
+def test_split_of_a_subset_agrees_with_the_full_split(sample: list[Row]) -> None:
+    _, test = split_by_scenario(sample, seed=1)
+    subset = select(sample, Trait.NEUROTICISM)[::3]
+    _, sub_test = split_by_scenario(subset, seed=1)
+    assert sub_test == [r for r in subset if r in test]
+
+
+def test_split_edges(sample: list[Row]) -> None:
+    assert split_by_scenario(sample, test_fraction=0.0) == (sample, [])
+    assert split_by_scenario(sample, test_fraction=1.0) == ([], sample)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_by_scenario(sample, test_fraction=1.5)
+
+
+def test_select(sample: list[Row]) -> None:
+    assert len(select(sample)) == 700
+    assert len(select(sample, Trait.AGREEABLENESS)) == 140
+    assert len(select(sample, level=Level.LOW)) == 350
+    rows = select(sample, Trait.OPENNESS, Level.HIGH)
+    assert len(rows) == 70 and {(r.trait, r.level) for r in rows} == {(Trait.OPENNESS, Level.HIGH)}
+
+
+def test_dataset_hash_is_canonical(sample: list[Row]) -> None:
+    assert dataset_hash(sample) == dataset_hash(list(sample))
+    assert len(dataset_hash(sample)) == 64
+    assert dataset_hash(sample[::-1]) != dataset_hash(sample)
+    changed = [*sample[:-1], make_row(sample[-1].speaker_y + " ")]
+    assert dataset_hash(changed) != dataset_hash(sample)
+
+
+# ----------------------------------------------------------------------------- TRL examples
+
+
+def test_sft_unified_carries_the_paper_instruction(sample: list[Row]) -> None:
+    examples = sft_examples(sample, "unified")
+    assert len(examples) == 700
+    for row, example in zip(sample, examples, strict=True):
+        user, assistant = example["messages"]
+        instruction = unified_instruction(row.trait, row.level)
+        assert instruction.startswith("You are a helpful assistant with the following Big Five personality traits: ")
+        assert user == {"role": "user", "content": f"{instruction}\n\n{row.speaker_x.strip()}"}
+        assert assistant == {"role": "assistant", "content": row.speaker_y.strip()}
+
+
+def test_sft_unified_rebuilds_the_instruction_instead_of_copying_the_csv(sample: list[Row]) -> None:
+    row = replace(sample[0], instruction="something else entirely")
+    (example,) = sft_examples([row], "unified")
+    assert example["messages"][0]["content"].startswith(unified_instruction(row.trait, row.level) + "\n\n")
+
+
+def test_sft_per_trait_has_no_instruction(sample: list[Row]) -> None:
+    rows = select(sample, Trait.NEUROTICISM, Level.LOW)
+    for row, example in zip(rows, sft_examples(rows, "per-trait"), strict=True):
+        assert example["messages"] == [
+            {"role": "user", "content": row.speaker_x.strip()},
+            {"role": "assistant", "content": row.speaker_y.strip()},
+        ]
+        assert "Big Five" not in example["messages"][0]["content"]
+    with pytest.raises(ValueError, match="one trait-level condition"):
+        sft_examples(select(sample, Trait.NEUROTICISM), "per-trait")
+    with pytest.raises(ValueError, match="unknown layout"):
+        sft_examples(rows, "mixed")  # type: ignore[arg-type]
+
+
+def test_dpo_pairs_every_reply_with_its_opposite_level(sample: list[Row]) -> None:
+    pairs, unpaired = dpo_pairs(sample, "unified")
+    assert (len(pairs), unpaired) == (700, 0)
+    by_reply = {row.speaker_y.strip(): row for row in sample}
+    assert len(by_reply) == 700
+    for row, pair in zip(sample, pairs, strict=True):
+        (chosen,), (rejected,) = pair["chosen"], pair["rejected"]
+        assert chosen == {"role": "assistant", "content": row.speaker_y.strip()}
+        partner = by_reply[rejected["content"]]
+        assert rejected["role"] == "assistant"
+        assert (partner.scenario, partner.trait, partner.level) == (row.scenario, row.trait, row.level.opposite)
+        instruction = unified_instruction(row.trait, row.level)
+        assert pair["prompt"] == [{"role": "user", "content": f"{instruction}\n\n{row.speaker_x.strip()}"}]
+
+
+def test_dpo_skips_and_counts_rows_without_a_partner(sample: list[Row]) -> None:
+    lonely = sample[5]
+    rows = [r for r in sample if r is not lonely]
+    pairs, unpaired = dpo_pairs(rows, "unified")
+    assert (len(pairs), unpaired) == (698, 1)
+    partner = next(
+        r for r in rows if (r.scenario, r.trait, r.level) == (lonely.scenario, lonely.trait, lonely.level.opposite)
+    )
+    assert all(p["chosen"][0]["content"] != partner.speaker_y.strip() for p in pairs)
+    assert all(lonely.speaker_y.strip() not in (p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs)
+
+
+def test_dpo_per_trait_targets_one_condition_with_partners_from_all_rows(sample: list[Row]) -> None:
+    pairs, unpaired = dpo_pairs(sample, "per-trait", trait=Trait.OPENNESS, level=Level.LOW)
+    assert (len(pairs), unpaired) == (70, 0)
+    targets = select(sample, Trait.OPENNESS, Level.LOW)
+    for row, pair in zip(targets, pairs, strict=True):
+        assert pair["prompt"] == [{"role": "user", "content": row.speaker_x.strip()}]
+        assert pair["chosen"][0]["content"] == row.speaker_y.strip()
+    # Given only the target rows, no partner can be found.
+    assert dpo_pairs(targets, "per-trait") == ([], 70)
+    with pytest.raises(ValueError, match="one trait-level condition"):
+        dpo_pairs(sample, "per-trait", trait=Trait.OPENNESS)

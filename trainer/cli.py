@@ -1,0 +1,114 @@
+"""``big5 train`` and ``big5 worker``: queue training jobs and process them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("worker")(worker)
+    app.command("jobs")(list_jobs)
+
+
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of TrainSpec options.")] = None,
+    method: Annotated[str | None, typer.Option(help="sft or dpo")] = None,
+    layout: Annotated[str | None, typer.Option(help="unified or per-trait")] = None,
+    dataset: Annotated[str | None, typer.Option(help="CSV/JSONL/parquet path, hub name, or bundled:sample")] = None,
+    condition: Annotated[list[str] | None, typer.Option(help="trait:level (repeatable; default all 10)")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA r (alpha = 2r unless set in the YAML)")] = None,
+    name: Annotated[str | None, typer.Option(help="adapter name prefix")] = None,
+    wait: Annotated[bool, typer.Option(help="Run a worker here until the job ends.")] = True,
+) -> None:
+    """Queue a training job (SFT or DPO, unified or per-trait) and, by default, run it here."""
+    from big5core.settings import get_settings
+    from trainer.spec import TrainSpec
+    from trainer.worker import Worker, job_snapshot, submit
+
+    overrides: dict[str, Any] = {
+        "method": method,
+        "layout": layout,
+        "dataset": dataset,
+        "conditions": condition or None,
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "per_device_train_batch_size": batch_size,
+        "max_length": max_length,
+        "name": name,
+    }
+    if rank is not None:
+        overrides["lora"] = {"r": rank, "alpha": 2 * rank}
+    try:
+        spec = (
+            TrainSpec.from_yaml(config, **overrides)
+            if config
+            else TrainSpec.model_validate({k: v for k, v in overrides.items() if v is not None})
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    settings = get_settings()
+    job_id = submit(settings, spec)
+    typer.echo(f"queued job {job_id}")
+    if not wait:
+        return
+    runner = Worker(settings)
+    while True:
+        with runner.sessions() as session:
+            from trainer.jobs import get_job
+
+            state = get_job(session, job_id).state
+        if state not in ("queued", "running"):
+            break
+        if _claim_specific(runner, job_id):
+            runner.process(job_id)
+        else:
+            time.sleep(runner.settings.trainer.poll_seconds)  # another worker holds it
+    job = job_snapshot(runner.sessions, job_id)
+    typer.echo(json.dumps({"job": job.id, "state": job.state, "result": job.result, "error": job.error}, indent=2))
+    if job.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _claim_specific(runner: Any, job_id: str) -> bool:
+    """Claim this job if it is claimable now (another worker may hold it)."""
+    from big5core.db import transaction
+    from trainer import jobs
+
+    with transaction(runner.sessions) as session:
+        return jobs.claim_next(session, runner.owner, runner.settings.trainer.lease_seconds, job_id) is not None
+
+
+def worker(
+    once: Annotated[bool, typer.Option(help="Process one job and exit.")] = False,
+    exit_when_idle: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+) -> None:
+    """Process training jobs from the database queue (run several, on several machines)."""
+    from big5core.settings import get_settings
+    from trainer.worker import Worker
+
+    count = Worker(get_settings()).run(once=once, exit_when_idle=exit_when_idle)
+    typer.echo(f"processed {count} job(s)")
+
+
+def list_jobs(limit: int = 20) -> None:
+    """List recent training jobs."""
+    from sqlalchemy import select
+
+    from big5core.db import engine_for, session_factory
+    from big5core.models import TrainingJob
+    from big5core.settings import get_settings
+
+    sessions = session_factory(engine_for(get_settings()))
+    with sessions() as session:
+        for job in session.scalars(select(TrainingJob).order_by(TrainingJob.created_at.desc()).limit(limit)):
+            typer.echo(f"{job.id}  {job.state:<10} attempts={job.attempts} progress={json.dumps(job.progress)}")

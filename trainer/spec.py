@@ -1,0 +1,99 @@
+"""Training specifications: one pydantic model, stored as JSON in the job row and read from YAML/flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from big5core.traits import Level, Trait
+
+Method = Literal["sft", "dpo"]
+Layout = Literal["unified", "per-trait"]
+
+ALL_CONDITIONS: tuple[str, ...] = tuple(f"{t.value}:{lv.value}" for t in Trait for lv in Level)
+
+
+class LoraOptions(BaseModel):
+    """LoRA shape. Defaults are the paper's (r=8, alpha=16, dropout 0, all linear projections)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainSpec(BaseModel):
+    """Everything a training run needs besides the base model. Defaults follow BIG5-CHAT."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = Field("sft", description="sft (SFTTrainer) or dpo (DPOTrainer, rejected = opposite level)")
+    layout: Layout = Field("unified", description="unified: one adapter, 10 conditions by instruction")
+    conditions: list[str] = Field(
+        default_factory=lambda: list(ALL_CONDITIONS),
+        description="trait:level conditions; per-trait trains one adapter each, unified trains on all",
+    )
+    dataset: str = Field("bundled:sample", description="local CSV/JSONL/parquet, hub name, or bundled:sample")
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,100}$", description="adapter name prefix")
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    learning_rate: float = Field(1e-5, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides epochs")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=32, description="token cutoff of prompt + reply")
+    warmup_steps: int = Field(20, ge=0)
+    lr_scheduler_type: str = "cosine"
+    beta: float = Field(0.1, gt=0, description="DPO beta (sigmoid loss)")
+    seed: int = 0
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    max_train_rows: int | None = Field(None, ge=1, description="cap on training rows per adapter")
+    save_steps: int = Field(50, ge=1, description="checkpoint interval (resume point after a crash)")
+    eval: bool = Field(True, description="compute eval loss on the held-out scenarios")
+
+    @field_validator("conditions")
+    @classmethod
+    def _valid_conditions(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for item in value:
+            trait_text, sep, level_text = item.partition(":")
+            if not sep:
+                raise ValueError(f"condition {item!r} must be trait:level, e.g. openness:high")
+            trait = Trait.parse(trait_text)
+            try:
+                level = Level(level_text.strip().lower())
+            except ValueError:
+                raise ValueError(f"condition {item!r}: level must be high or low") from None
+            key = f"{trait.value}:{level.value}"
+            if key not in out:
+                out.append(key)
+        if not out:
+            raise ValueError("at least one condition is needed")
+        return out
+
+    def parsed_conditions(self) -> list[tuple[Trait, Level]]:
+        return [(Trait(c.split(":")[0]), Level(c.split(":")[1])) for c in self.conditions]
+
+    def adapter_name(self, condition: tuple[Trait, Level] | None) -> str:
+        prefix = self.name or self.method
+        if self.layout == "unified" or condition is None:
+            return f"{prefix}-unified"
+        trait, level = condition
+        return f"{prefix}-{trait.value}-{level.value}"
+
+    def targets(self) -> list[tuple[Trait, Level] | None]:
+        """The adapters this spec produces: one (None) for unified, one per condition otherwise."""
+        return [None] if self.layout == "unified" else list(self.parsed_conditions())
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> TrainSpec:
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of training options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
