@@ -20,22 +20,34 @@ Refused with :class:`CompositionError`: rsLoRA (PEFT's ``cat`` copies ``use_rslo
 adapter, which makes the result inexact), DoRA, trained biases, ``modules_to_save``,
 ``rank_pattern``/``alpha_pattern``, embedding LoRA, and parts whose shapes for one module disagree
 (adapters trained on different base models).
+
+:class:`ComposedCache` keeps composed folders on disk: each built once (a lock per name, plus a file
+lock for processes sharing the folder), reused while its manifest matches, evicted least recently
+used beyond a budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch is imported when composing, so importing big5core.persona stays light
+    import torch
+
+try:  # POSIX: a file lock makes "built once" hold across processes sharing a cache folder
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +133,9 @@ def compose_adapters(
     with the path and weight in ``composition.json``. The folder appears atomically: written in a
     temporary sibling and moved into place with ``os.replace`` (an existing ``out_dir`` is replaced).
     """
+    import torch
+    from safetensors.torch import load_file, save_file
+
     if not parts:
         raise CompositionError("nothing to compose: no parts")
     if part_meta is not None and len(part_meta) != len(parts):
@@ -223,6 +238,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def delta_weights(folder: Path) -> dict[str, torch.Tensor]:
     """``module -> B @ A * scaling`` (float32, transposed for fan_in_fan_out) of a LoRA folder."""
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("rank_pattern") or config.get("alpha_pattern"):
@@ -233,3 +250,110 @@ def delta_weights(folder: Path) -> dict[str, torch.Tensor]:
         delta = b.float() @ a.float() * scaling
         deltas[module] = delta.T if config.get("fan_in_fan_out") else delta
     return deltas
+
+
+COMPOSED_PREFIX = "composed-"
+
+
+class ComposedCache:
+    """Composed adapter folders under ``root``, each built once, kept under an LRU budget.
+
+    Thread-safe (a lock per name) and safe across processes sharing ``root`` (an exclusive
+    ``flock`` on ``root/.lock`` around building and eviction). Recency is the folder's mtime, so the
+    order survives restarts. A folder counts as built when its ``composition.json`` records exactly
+    the requested parts (the folder appears atomically, so the manifest implies the weights).
+    """
+
+    def __init__(self, root: Path, budget: int) -> None:
+        self.root = Path(root)
+        self.budget = budget
+        self.stats: dict[str, int] = {"composed_hits": 0, "composed_misses": 0}
+        self._lock = threading.Lock()  # guards the dicts and counters, never held during I/O
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._last_touch_ns = 0
+
+    def get_or_build(
+        self, name: str, parts: Sequence[tuple[Path, float]], part_meta: Sequence[Mapping[str, Any]]
+    ) -> Path:
+        """The folder ``root/name`` holding the composition of ``parts``, built if needed."""
+        folder = self.root / name
+        expected = [
+            {**dict(meta), "path": str(path), "weight": float(weight)}
+            for (path, weight), meta in zip(parts, part_meta, strict=True)
+        ]
+        with self._name_lock(name):
+            hit = self._is_built(folder, expected)
+            if not hit:
+                with self._exclusive():
+                    hit = self._is_built(folder, expected)  # another process may have built it
+                    if not hit:
+                        self._sweep_staging()
+                        compose_adapters(parts, folder, part_meta=part_meta)
+                        self._touch(folder)
+                        self._evict(keep=name)
+            if hit:
+                self._touch(folder)
+            with self._lock:
+                self.stats["composed_hits" if hit else "composed_misses"] += 1
+        return folder
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    @staticmethod
+    def _is_built(folder: Path, expected: list[dict[str, Any]]) -> bool:
+        manifest = read_manifest(folder)
+        if manifest is None or not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            return False
+        return bool(manifest.get("parts") == expected)
+
+    def _touch(self, folder: Path) -> None:
+        """Mark as most recently used (strictly increasing mtimes within this process)."""
+        with self._lock:
+            stamp = self._last_touch_ns = max(time.time_ns(), self._last_touch_ns + 1)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(folder, ns=(stamp, stamp))
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _sweep_staging(self) -> None:
+        """Remove folders left by a crashed composition (called under the exclusive lock)."""
+        for pattern in (".compose-*", ".trash-*"):
+            for path in self.root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _evict(self, keep: str) -> None:
+        """Delete the least recently used folders beyond the budget (under the exclusive lock).
+
+        Never ``keep`` (the current call's), nor one whose name lock another thread holds (it is
+        being resolved right now).
+        """
+        entries: list[tuple[int, Path]] = []
+        for path in self.root.glob(f"{COMPOSED_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_dir():
+                    entries.append((path.stat().st_mtime_ns, path))
+        excess = len(entries) - self.budget
+        for _, path in sorted(entries):
+            if excess <= 0:
+                break
+            lock = self._name_lock(path.name)
+            if path.name == keep or not lock.acquire(blocking=False):
+                continue
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+                excess -= 1
+                logger.info("Evicted composed adapter %s (LRU budget %d)", path.name, self.budget)
+            finally:
+                lock.release()

@@ -72,7 +72,9 @@ class Settings(BaseSettings):
         BUNDLED_MODEL,
         description="Base model: the bundled model, a local folder, or a hub name (needs a network).",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    demo_dataset: str = Field(
+        "bundled:sample", description="BIG5-CHAT CSV the Prompt-Demo baseline draws its ten examples from."
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)

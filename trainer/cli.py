@@ -32,7 +32,7 @@ def train(
 ) -> None:
     """Queue a training job (SFT or DPO, unified or per-trait) and, by default, run it here."""
     from big5core.settings import get_settings
-    from trainer.spec import TrainSpec
+    from big5core.training import TrainSpec
     from trainer.worker import Worker, job_snapshot, submit
 
     overrides: dict[str, Any] = {
@@ -64,7 +64,7 @@ def train(
     runner = Worker(settings)
     while True:
         with runner.sessions() as session:
-            from trainer.jobs import get_job
+            from big5core.jobs import get_job
 
             state = get_job(session, job_id).state
         if state not in ("queued", "running"):
@@ -82,7 +82,7 @@ def train(
 def _claim_specific(runner: Any, job_id: str) -> bool:
     """Claim this job if it is claimable now (another worker may hold it)."""
     from big5core.db import transaction
-    from trainer import jobs
+    from big5core import jobs
 
     with transaction(runner.sessions) as session:
         return jobs.claim_next(session, runner.owner, runner.settings.trainer.lease_seconds, job_id) is not None

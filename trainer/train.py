@@ -15,7 +15,7 @@ from typing import Any
 
 from big5core.traits import Level, Trait
 from trainer import dataset as ds
-from trainer.spec import TrainSpec
+from big5core.training import TrainSpec
 
 logger = logging.getLogger(__name__)
 

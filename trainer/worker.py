@@ -28,9 +28,9 @@ from big5core.db import engine_for, session_factory, transaction
 from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.models import TrainingJob
 from big5core.settings import Settings
-from trainer import jobs
+from big5core import jobs
 from trainer.dataset import DatasetError
-from trainer.spec import TrainSpec
+from big5core.training import TrainSpec
 
 logger = logging.getLogger(__name__)
 

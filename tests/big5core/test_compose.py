@@ -104,8 +104,9 @@ def test_matches_peft_add_weighted_adapter_cat(parts: list[Path], tmp_path: Path
     for module, delta in peft_deltas.items():
         torch.testing.assert_close(our_deltas[module], delta, rtol=1e-5, atol=1e-6, msg=module)
     # Same factors too, not only the same product: packed rows, zero padding, weight on A.
-    peft_tensors, our_tensors = load_file(str(peft_dir / "adapter_model.safetensors")), load_file(
-        str(ours / "adapter_model.safetensors")
+    peft_tensors, our_tensors = (
+        load_file(str(peft_dir / "adapter_model.safetensors")),
+        load_file(str(ours / "adapter_model.safetensors")),
     )
     assert set(peft_tensors) == set(our_tensors)
     for key, tensor in peft_tensors.items():

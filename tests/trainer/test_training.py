@@ -20,7 +20,7 @@ from big5core.models import Adapter, JobState, TrainingJob
 from big5core.registry import check_adapter_folder
 from big5core.settings import Settings, TrainerSettings
 from tests.model_support import make_tiny_llama
-from trainer.spec import TrainSpec
+from big5core.training import TrainSpec
 from trainer.train import load_dataset_rows, prepare, train_adapter
 from trainer.worker import Worker, submit
 

@@ -15,7 +15,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from big5core.models import JobState, TrainingJob, utcnow
-from trainer.spec import TrainSpec
+from big5core.training import TrainSpec
 
 
 class JobNotFound(LookupError):

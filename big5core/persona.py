@@ -1,0 +1,487 @@
+"""Persona resolution: from what a client asks for to what generation applies.
+
+The service (chat) and the evaluator (questionnaires) both call :meth:`PersonaResolver.resolve`, so a
+persona means the same thing wherever it is used. A persona is a method and a trait vector:
+
+- ``direct``: no persona (the paper's Direct baseline).
+- ``prompt``: Prompt-Inst. The paper's line for one pole; for intensities or several traits one
+  sentence per trait with an intensity word (``You are a person with fairly high openness.``).
+- ``demo``: Prompt-Demo, one pole only: ten dataset replies of that trait-level.
+- ``sft`` / ``dpo``: a trained adapter. One pole with a unified adapter -> that adapter plus the
+  paper's instruction. Otherwise one per-trait adapter per nonzero trait (``high`` for a positive
+  value, ``low`` for a negative one) weighted by ``|v|``; a single part at weight 1 is used as is,
+  anything else is composed exactly (:mod:`big5core.compose`) into a deterministic folder
+  ``adapters_dir/_composed/composed-<16 hex>`` kept under an LRU budget.
+
+Its canonical string form, also accepted as the OpenAI ``model`` field, reads
+``big5/sft?openness=0.75&neuroticism=-1`` (traits quantised, OCEAN order, ``&adapter=name@3`` when
+explicit). Errors are domain exceptions; the service maps them to HTTP problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from big5core import registry
+from big5core.compose import COMPOSED_PREFIX, ComposedCache
+from big5core.models import Adapter
+from big5core.prompts import ChatMessage, TemplateId, prompt_demo, prompt_inst, unified_instruction, with_prefix
+from big5core.registry import AdapterRef, ChecksumMismatch, RegistryError
+from big5core.settings import Settings
+from big5core.traits import TRAITS, Level, Trait, TraitVector
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdapterNotReadyError",
+    "ChecksumMismatch",
+    "Method",
+    "PersonaError",
+    "PersonaNotFound",
+    "PersonaResolver",
+    "PersonaSpec",
+    "ResolvedPersona",
+    "composed_name",
+    "persona_key",
+]
+
+KEY_PREFIX = "big5/"
+UNIFIED, PER_TRAIT = "unified", "per-trait"
+COMPOSED_DIRNAME = "_composed"
+_INTENSITY = ((0.875, ""), (0.625, "fairly"), (0.375, "moderately"), (0.0, "slightly"))
+
+
+class Method(StrEnum):
+    SFT = "sft"
+    DPO = "dpo"
+    PROMPT = "prompt"
+    DEMO = "demo"
+    DIRECT = "direct"
+
+
+ADAPTER_METHODS = (Method.SFT, Method.DPO)
+
+
+class PersonaError(ValueError):
+    """The persona is well-formed but makes no sense (e.g. demo with a mixed vector)."""
+
+
+class PersonaNotFound(LookupError):
+    """No registered adapter can realise the persona."""
+
+
+AdapterNotReadyError = registry.AdapterNotReady
+"""An explicitly named adapter exists but is not ready (pending, errored, retired)."""
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def persona_key(method: Method | str, traits: Mapping[Trait, float], adapter: str | None = None) -> str:
+    """Canonical string of a (quantised) persona: ``big5/sft?openness=0.75&neuroticism=-1``."""
+    params = [f"{t.value}={_fmt(traits[t])}" for t in TRAITS if traits.get(t)]
+    if adapter:
+        params.append(f"adapter={quote(adapter, safe='@-_.:')}")
+    return f"{KEY_PREFIX}{Method(method).value}" + ("?" + "&".join(params) if params else "")
+
+
+def composed_name(parts: Sequence[tuple[str, float]]) -> str:
+    """Deterministic engine name of a composition from its parts' (sha256, weight), in order."""
+    payload = json.dumps([[sha, round(float(w), 6)] for sha, w in parts], separators=(",", ":"))
+    return COMPOSED_PREFIX + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _single_pole(traits: Mapping[Trait, float]) -> tuple[Trait, Level] | None:
+    if len(traits) != 1:
+        return None
+    ((trait, value),) = traits.items()
+    if abs(value) != 1.0:
+        return None
+    return trait, Level.HIGH if value > 0 else Level.LOW
+
+
+def _describe(traits: Mapping[Trait, float]) -> str:
+    return ", ".join(f"{t.value}={_fmt(traits[t])}" for t in TRAITS if t in traits) or "none"
+
+
+def _intensity_sentence(trait: Trait, value: float) -> str:
+    level = Level.HIGH if value > 0 else Level.LOW
+    word = next(w for threshold, w in _INTENSITY if abs(value) >= threshold)
+    return prompt_inst(trait, level) if not word else f"You are a person with {word} {level.value} {trait.value}."
+
+
+class PersonaSpec(BaseModel):
+    """What a client asks for: a method and a trait vector, or an explicit registry adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = Field(
+        Method.SFT,
+        description="sft/dpo: trained adapters; prompt: Prompt-Inst; demo: Prompt-Demo; direct: no persona.",
+    )
+    traits: TraitVector | None = Field(
+        None, description="Trait intensities in [-1, 1] (or high/low); quantised by the server."
+    )
+    adapter: str | None = Field(
+        None,
+        description="Explicit registry adapter, name or name@version (sft/dpo only).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(@[0-9]+)?$",
+        max_length=160,
+    )
+
+    def quantised(self, step: float = 0.25) -> dict[Trait, float]:
+        return self.traits.quantised(step) if self.traits is not None else {}
+
+    def to_key(self, step: float = 0.25) -> str:
+        """Canonical readable key (traits quantised to ``step``, OCEAN order)."""
+        return persona_key(self.method, self.quantised(step), self.adapter)
+
+    @classmethod
+    def from_model_name(cls, text: str) -> PersonaSpec:
+        """Parse ``big5/<method>[?trait=value&...][&adapter=name@version]`` (values numbers or high/low)."""
+        raw = text.strip()
+        if not raw.lower().startswith(KEY_PREFIX):
+            raise PersonaError(
+                f"persona model names look like 'big5/<method>?openness=0.5&neuroticism=low'; got {text!r}"
+            )
+        method_text, _, query = raw[len(KEY_PREFIX) :].partition("?")
+        try:
+            method = Method(method_text.strip().lower())
+        except ValueError:
+            names = ", ".join(m.value for m in Method)
+            raise PersonaError(f"unknown persona method {method_text!r} in {text!r}; expected one of {names}") from None
+        traits: dict[Trait, float | str] = {}
+        adapter: str | None = None
+        for item in filter(None, query.split("&")):
+            name, sep, value = (unquote(s).strip() for s in item.partition("="))
+            if not sep or not value:
+                raise PersonaError(f"{item!r} in {text!r} needs a value: name=value")
+            if name.lower() == "adapter":
+                if adapter is not None:
+                    raise PersonaError(f"adapter given twice in {text!r}")
+                try:
+                    adapter = str(AdapterRef.parse(value))
+                except RegistryError as exc:
+                    raise PersonaError(str(exc)) from None
+                continue
+            try:
+                trait = Trait.parse(name)
+            except ValueError as exc:
+                raise PersonaError(f"{exc} (in {text!r})") from None
+            if trait in traits:
+                raise PersonaError(f"{trait.value} given twice in {text!r}")
+            if value.lower() in ("high", "low"):
+                traits[trait] = value.lower()
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number) or not -1.0 <= number <= 1.0:
+                raise PersonaError(f"{trait.value}={value!r} in {text!r}: expected a number in [-1, 1], high or low")
+            traits[trait] = number
+        try:
+            return cls(method=method, traits=TraitVector.model_validate(traits) if traits else None, adapter=adapter)
+        except ValidationError as exc:
+            raise PersonaError(f"invalid persona {text!r}: {exc.errors()[0]['msg']}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedPersona:
+    """What generation applies: a prompt prefix and/or an adapter, plus how to report it."""
+
+    method: Method
+    traits: dict[str, float]
+    template_id: TemplateId
+    key: str
+    prefix: str | None = None
+    adapter_name: str | None = None
+    adapter_path: Path | None = None
+    parts: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def composed(self) -> bool:
+        return bool(self.adapter_name and self.adapter_name.startswith(COMPOSED_PREFIX))
+
+    def apply(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        """The messages with the persona's prefix in front of the last user turn."""
+        return with_prefix(messages, self.prefix)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-friendly description returned to clients (enough to reproduce the persona)."""
+        return {
+            "key": self.key,
+            "method": self.method.value,
+            "traits": dict(self.traits),
+            "template_id": self.template_id.value,
+            "prefix": self.prefix,
+            "adapter": self.adapter_name,
+            "composed": self.composed,
+            "parts": [dict(p) for p in self.parts],
+        }
+
+
+@dataclass(frozen=True)
+class _AdapterInfo:
+    """The columns of a registry row that resolution needs, detached from the session."""
+
+    ref: str
+    path: str
+    sha256: str
+    rank: int
+    method: str
+    layout: str
+    base_model: str
+    traits: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: Adapter) -> _AdapterInfo:
+        return cls(
+            ref=row.ref,
+            path=row.path,
+            sha256=row.sha256 or "",
+            rank=row.rank,
+            method=row.method,
+            layout=row.layout,
+            base_model=row.base_model,
+            traits=dict(row.traits or {}),
+        )
+
+
+class PersonaResolver:
+    """Resolves :class:`PersonaSpec` into :class:`ResolvedPersona`. Thread-safe; reads the registry only."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        base_model_id: str,
+        demo_examples: Callable[[Trait, Level], Sequence[str]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._base = base_model_id
+        self._demo_examples = demo_examples
+        self._step = settings.service.composition_step
+        self._cache = ComposedCache(settings.adapters_dir / COMPOSED_DIRNAME, settings.service.composed_cache_size)
+        self.composed_dir = self._cache.root
+        self.stats = self._cache.stats  # composed_hits, composed_misses
+        self._lock = threading.Lock()  # guards the small caches below, never held during I/O
+        self._verified: set[tuple[str, str]] = set()
+        self._demo_prefixes: dict[tuple[Trait, Level], str] = {}
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def resolve(self, spec: PersonaSpec) -> ResolvedPersona:
+        traits = spec.quantised(self._step)
+        if spec.adapter is not None and spec.method not in ADAPTER_METHODS:
+            raise PersonaError(f"an explicit adapter needs method sft or dpo, not {spec.method.value}")
+        if spec.method is Method.DIRECT:
+            if spec.traits is not None and spec.traits.nonzero():
+                raise PersonaError("method direct is the no-persona baseline: it takes no traits")
+            return ResolvedPersona(Method.DIRECT, {}, TemplateId.PLAIN, persona_key(Method.DIRECT, {}))
+        if not traits and spec.adapter is None:
+            raise PersonaError(
+                f"method {spec.method.value} needs at least one nonzero trait "
+                f"(after quantisation to steps of {_fmt(self._step)})"
+            )
+        if spec.method is Method.PROMPT:
+            return self._prompt(traits)
+        if spec.method is Method.DEMO:
+            return self._demo(traits)
+        if spec.adapter is not None:
+            return self._explicit(spec, traits)
+        return self._by_traits(spec.method, traits)
+
+    # -- prompt baselines --------------------------------------------------------------------
+
+    def _prompt(self, traits: dict[Trait, float]) -> ResolvedPersona:
+        pole = _single_pole(traits)
+        if pole is not None:
+            prefix = prompt_inst(*pole)
+        else:
+            prefix = " ".join(_intensity_sentence(t, traits[t]) for t in TRAITS if t in traits)
+        return ResolvedPersona(
+            Method.PROMPT, _plain(traits), TemplateId.PROMPT_INST, persona_key(Method.PROMPT, traits), prefix
+        )
+
+    def _demo(self, traits: dict[Trait, float]) -> ResolvedPersona:
+        pole = _single_pole(traits)
+        if pole is None:
+            raise PersonaError(f"Prompt-Demo needs exactly one trait at high or low (-1 or 1); got {_describe(traits)}")
+        if self._demo_examples is None:
+            raise PersonaError("demo needs a dataset: this resolver was built without demo examples")
+        with self._lock:
+            prefix = self._demo_prefixes.get(pole)
+        if prefix is None:
+            examples = [e for e in self._demo_examples(*pole) if e and e.strip()]
+            if len(examples) < 10:
+                raise PersonaNotFound(
+                    f"Prompt-Demo needs 10 example replies of {pole[0].value}-{pole[1].value}; "
+                    f"the dataset has {len(examples)}"
+                )
+            prefix = prompt_demo(pole[0], pole[1], examples[:10])
+            with self._lock:
+                self._demo_prefixes[pole] = prefix
+        return ResolvedPersona(
+            Method.DEMO, _plain(traits), TemplateId.PROMPT_DEMO, persona_key(Method.DEMO, traits), prefix
+        )
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def _verify(self, row: Adapter) -> None:
+        """registry.verify once per (path, sha256); failures are not cached and propagate."""
+        key = (row.path, row.sha256 or "")
+        with self._lock:
+            if key in self._verified:
+                return
+        registry.verify(row)
+        with self._lock:
+            self._verified.add(key)
+
+    def _explicit(self, spec: PersonaSpec, traits: dict[Trait, float]) -> ResolvedPersona:
+        assert spec.adapter is not None
+        try:
+            ref = AdapterRef.parse(spec.adapter)
+        except RegistryError as exc:
+            raise PersonaError(str(exc)) from None
+        with self._sessions() as session:
+            try:
+                row = registry.get(session, ref)  # AdapterNotReady propagates
+            except registry.AdapterNotFound as exc:
+                raise PersonaNotFound(str(exc)) from None
+            info = _AdapterInfo.of(row)
+            if info.base_model != self._base:
+                raise PersonaError(
+                    f"adapter {info.ref} was trained on base model {info.base_model!r}, "
+                    f"but this server runs {self._base!r}"
+                )
+            self._verify(row)
+        method = spec.method
+        if info.method in ADAPTER_METHODS and info.method != method.value:
+            if "method" in spec.model_fields_set:
+                raise PersonaError(f"adapter {info.ref} was trained with {info.method}, not {method.value}")
+            method = Method(info.method)  # method left at its default: take the adapter's
+        part = ({"adapter": info.ref, "weight": 1.0},)
+        if info.layout == UNIFIED:
+            pole = _single_pole(traits)
+            if pole is None:
+                raise PersonaError(
+                    f"adapter {info.ref} is a unified adapter: give exactly one trait at high or low; "
+                    f"got {_describe(traits)}"
+                )
+            return ResolvedPersona(
+                method,
+                _plain(traits),
+                TemplateId.UNIFIED,
+                persona_key(method, traits, info.ref),
+                unified_instruction(*pole),
+                info.ref,
+                Path(info.path),
+                part,
+            )
+        carried = self._row_traits(info)
+        if traits and carried and traits != carried:
+            raise PersonaError(
+                f"adapter {info.ref} carries {_describe(carried)}; the requested traits {_describe(traits)} differ"
+            )
+        traits = carried or traits
+        return ResolvedPersona(
+            method,
+            _plain(traits),
+            TemplateId.PLAIN,
+            persona_key(method, traits, info.ref),
+            None,
+            info.ref,
+            Path(info.path),
+            part,
+        )
+
+    def _row_traits(self, info: _AdapterInfo) -> dict[Trait, float]:
+        try:
+            return TraitVector.model_validate(info.traits).quantised(self._step)
+        except (ValidationError, ValueError):
+            return {}
+
+    def _by_traits(self, method: Method, traits: dict[Trait, float]) -> ResolvedPersona:
+        key = persona_key(method, traits)
+        pole = _single_pole(traits)
+        found: list[tuple[_AdapterInfo, float]] = []
+        with self._sessions() as session:
+            unified = None
+            if pole is not None:
+                unified = registry.find(session, method=method.value, layout=UNIFIED, base_model=self._base)
+            if unified is not None:
+                self._verify(unified)
+                return ResolvedPersona(
+                    method,
+                    _plain(traits),
+                    TemplateId.UNIFIED,
+                    key,
+                    unified_instruction(*pole),  # type: ignore[misc]
+                    unified.ref,
+                    Path(unified.path),
+                    ({"adapter": unified.ref, "weight": 1.0},),
+                )
+            missing: list[str] = []
+            rows: list[Adapter] = []
+            for trait in (t for t in TRAITS if t in traits):
+                level = Level.HIGH if traits[trait] > 0 else Level.LOW
+                row = registry.find(
+                    session,
+                    method=method.value,
+                    layout=PER_TRAIT,
+                    base_model=self._base,
+                    traits={trait.value: level.value},
+                )
+                if row is None:
+                    missing.append(f"{trait.value}={level.value}")
+                else:
+                    rows.append(row)
+                    found.append((_AdapterInfo.of(row), abs(traits[trait])))
+            if missing:
+                also = " (and no unified adapter)" if pole is not None else ""
+                raise PersonaNotFound(
+                    f"no ready {method.value} per-trait adapter for {', '.join(missing)}{also} "
+                    f"on base model {self._base!r}"
+                )
+            for row in rows:
+                self._verify(row)
+        parts = tuple({"adapter": info.ref, "weight": weight} for info, weight in found)
+        if len(found) == 1 and found[0][1] == 1.0:
+            info = found[0][0]
+            return ResolvedPersona(
+                method, _plain(traits), TemplateId.PLAIN, key, None, info.ref, Path(info.path), parts
+            )
+        rank = sum(info.rank for info, _ in found)
+        limit = self._settings.engine.max_lora_rank
+        if rank > limit:
+            raise PersonaError(
+                f"composing {_describe(traits)} needs rank {rank}, above the engine's max_lora_rank {limit}"
+            )
+        name = composed_name([(info.sha256, weight) for info, weight in found])
+        path = self._cache.get_or_build(
+            name,
+            [(Path(info.path), weight) for info, weight in found],
+            [{"adapter": info.ref, "sha256": info.sha256} for info, _ in found],
+        )
+        return ResolvedPersona(method, _plain(traits), TemplateId.PLAIN, key, None, name, path, parts)
+
+
+def _plain(traits: Mapping[Trait, float]) -> dict[str, float]:
+    """JSON-friendly traits in OCEAN order."""
+    return {t.value: traits[t] for t in TRAITS if t in traits}

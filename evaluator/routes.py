@@ -1,0 +1,154 @@
+"""HTTP routes of the evaluator. The service mounts them with its own dependencies.
+
+POST /v1/assess, GET /v1/assessments[/{id}[/items]], POST /v1/assessments/compare,
+GET/POST /v1/inventories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Response, status
+from sqlalchemy.orm import Session
+
+from big5core.models import Assessment
+from evaluator import report, store
+from evaluator.inventories import Inventory, InventoryError, load_csv_items
+from evaluator.runner import AssessmentRunner
+from evaluator.schemas import (
+    AssessAccepted,
+    AssessmentOut,
+    AssessRequest,
+    CompareRequest,
+    InventoryOut,
+    InventoryUpload,
+    ItemResponseOut,
+    TraitScoreOut,
+)
+
+
+def assessment_out(a: Assessment) -> AssessmentOut:
+    traits = {s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, alpha=s.alpha, z=s.z) for s in a.scores if s.scope == "trait"}
+    facets = {s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, z=s.z) for s in a.scores if s.scope == "facet"}
+    return AssessmentOut(
+        id=a.id,
+        state=a.state,
+        persona=a.persona,
+        resolved_persona=a.resolved_persona,
+        method=a.method,
+        inventory=a.inventory.name,
+        scoring=a.scoring_mode,
+        runs=a.runs,
+        options=a.options,
+        progress={k: v for k, v in (a.progress or {}).items() if k not in ("owner",)},
+        error=a.error,
+        traits=traits,
+        facets=facets,
+        summary=a.summary or {},
+        created_at=a.created_at,
+        finished_at=a.finished_at,
+    )
+
+
+def build_router(
+    get_runner: Callable[..., AssessmentRunner],
+    get_session: Callable[..., Any],
+    require_client: Callable[..., Any],
+    require_admin: Callable[..., Any],
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["assessment"], dependencies=[Depends(require_client)])
+    RunnerDep = Annotated[AssessmentRunner, Depends(get_runner)]
+    SessionDep = Annotated[Session, Depends(get_session)]
+
+    @router.post("/assess", status_code=status.HTTP_202_ACCEPTED, response_model=AssessAccepted)
+    async def assess(body: AssessRequest, runner: RunnerDep, response: Response) -> AssessAccepted:
+        """Start an assessment in the background; poll GET /v1/assessments/{id}."""
+        assessment_id = runner.submit(body)
+        response.headers["Location"] = f"/v1/assessments/{assessment_id}"
+        return AssessAccepted(
+            id=assessment_id,
+            state="queued",
+            links={"self": f"/v1/assessments/{assessment_id}", "items": f"/v1/assessments/{assessment_id}/items"},
+        )
+
+    @router.get("/assessments/{assessment_id}", response_model=AssessmentOut)
+    def get_assessment(assessment_id: str, session: SessionDep) -> AssessmentOut:
+        return assessment_out(store.get(session, assessment_id))
+
+    @router.get("/assessments/{assessment_id}/items", response_model=list[ItemResponseOut])
+    def get_items(assessment_id: str, session: SessionDep) -> list[ItemResponseOut]:
+        return [ItemResponseOut.model_validate(r, from_attributes=True) for r in store.responses(session, assessment_id)]
+
+    @router.get("/assessments", response_model=list[AssessmentOut])
+    def list_assessments(
+        session: SessionDep,
+        persona: Annotated[str | None, Query(description="canonical persona key, e.g. big5/sft?openness=1")] = None,
+        method: str | None = None,
+        inventory: str | None = None,
+        state: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[AssessmentOut]:
+        found = store.search(
+            session, persona_key=persona, method=method, inventory=inventory, state=state, limit=limit, offset=offset
+        )
+        return [assessment_out(a) for a in found]
+
+    @router.post(
+        "/assessments/compare",
+        responses={200: {"content": {"image/svg+xml": {}, "image/png": {}, "application/json": {}}}},
+    )
+    def compare(body: CompareRequest, session: SessionDep) -> Any:
+        """The paper's table: per method and trait, the induced trait's score when induced high and low."""
+        found = store.search(session, inventory=body.inventory, state="done", limit=100_000)
+        if body.methods:
+            found = [a for a in found if a.method in body.methods or a.method == "direct"]
+        table = report.paper_table(found, body.inventory)
+        if body.format == "json":
+            return {**table.to_dict(), "text": table.format()}
+        media = "image/svg+xml" if body.format == "svg" else "image/png"
+        return Response(report.table_figure(table, body.format), media_type=media)
+
+    @router.get("/inventories", response_model=list[InventoryOut])
+    def list_inventories(session: SessionDep) -> list[InventoryOut]:
+        return [_inventory_out(inv, builtin) for inv, builtin in store.list_inventories(session)]
+
+    @router.get("/inventories/{name}")
+    def get_inventory(name: str, session: SessionDep) -> dict[str, Any]:
+        return store.load_inventory(session, name).model_dump(mode="json")
+
+    @router.post(
+        "/inventories",
+        status_code=status.HTTP_201_CREATED,
+        response_model=InventoryOut,
+        dependencies=[Depends(require_admin)],
+    )
+    def upload_inventory(body: InventoryUpload, session: SessionDep) -> InventoryOut:
+        """Add a custom inventory (validated: traits, keys, unique ids, non-empty)."""
+        if (body.items is None) == (body.items_csv is None):
+            raise InventoryError("give exactly one of items or items_csv")
+        items = body.items if body.items is not None else load_csv_items(body.items_csv or "")
+        inventory = Inventory.model_validate(
+            {
+                **body.model_dump(exclude={"items", "items_csv"}),
+                "items": [i.model_dump() for i in items],
+            }
+        )
+        store.add_inventory(session, inventory)
+        session.commit()
+        return _inventory_out(inventory, False)
+
+    return router
+
+
+def _inventory_out(inventory: Inventory, builtin: bool) -> InventoryOut:
+    return InventoryOut(
+        name=inventory.name,
+        title=inventory.title,
+        citation=inventory.citation,
+        licence=inventory.licence,
+        builtin=builtin,
+        n_items=len(inventory.items),
+        scale=inventory.scale.model_dump(mode="json"),
+    )

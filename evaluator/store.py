@@ -1,0 +1,225 @@
+"""Assessments and inventories in the database. Functions take a session and never commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from big5core.models import Assessment, AssessmentState, InventoryItemRecord, InventoryRecord, ItemResponse, TraitScore, utcnow
+from evaluator.administer import Response, Scores
+from evaluator.inventories import Inventory, InventoryError, builtin_inventories
+
+
+class AssessmentNotFound(LookupError):
+    pass
+
+
+class InventoryNotFound(LookupError):
+    pass
+
+
+class InventoryConflict(ValueError):
+    pass
+
+
+def _record(inventory: Inventory, builtin: bool) -> InventoryRecord:
+    record = InventoryRecord(
+        name=inventory.name,
+        title=inventory.title,
+        citation=inventory.citation,
+        licence=inventory.licence,
+        instruction=inventory.instruction,
+        statement_template=inventory.statement_template,
+        scale=inventory.scale.model_dump(mode="json"),
+        definition=inventory.model_dump(mode="json"),
+        builtin=builtin,
+    )
+    record.items = [
+        InventoryItemRecord(
+            item_id=item.id, position=i, text=item.text, trait=item.trait.value, facet=item.facet, keyed=item.keyed
+        )
+        for i, item in enumerate(inventory.items)
+    ]
+    return record
+
+
+def inventory_record(session: Session, name: str) -> InventoryRecord:
+    """The stored inventory ``name``; built-ins are stored on first use."""
+    record = session.scalar(select(InventoryRecord).where(InventoryRecord.name == name))
+    if record is not None:
+        return record
+    builtin = builtin_inventories().get(name)
+    if builtin is None:
+        raise InventoryNotFound(f"unknown inventory {name!r}")
+    record = _record(builtin, builtin=True)
+    session.add(record)
+    session.flush()
+    return record
+
+
+def load_inventory(session: Session, name: str) -> Inventory:
+    record = inventory_record(session, name)
+    return Inventory.model_validate(record.definition)
+
+
+def add_inventory(session: Session, inventory: Inventory) -> InventoryRecord:
+    if inventory.name in builtin_inventories():
+        raise InventoryConflict(f"{inventory.name!r} is a built-in inventory")
+    if session.scalar(select(InventoryRecord.id).where(InventoryRecord.name == inventory.name)) is not None:
+        raise InventoryConflict(f"inventory {inventory.name!r} exists already")
+    record = _record(inventory, builtin=False)
+    session.add(record)
+    session.flush()
+    return record
+
+
+def list_inventories(session: Session) -> list[tuple[Inventory, bool]]:
+    stored = {r.name: r for r in session.scalars(select(InventoryRecord))}
+    out: list[tuple[Inventory, bool]] = [(inv, True) for inv in builtin_inventories().values()]
+    out += [(Inventory.model_validate(r.definition), False) for r in stored.values() if not r.builtin]
+    return out
+
+
+def create(
+    session: Session,
+    *,
+    persona: dict[str, Any],
+    resolved: dict[str, Any],
+    persona_key: str,
+    method: str,
+    inventory: InventoryRecord,
+    scoring: str,
+    runs: int,
+    options: dict[str, Any],
+) -> Assessment:
+    assessment = Assessment(
+        persona=persona,
+        resolved_persona=resolved,
+        persona_key=persona_key,
+        method=method,
+        inventory_id=inventory.id,
+        scoring_mode=scoring,
+        runs=runs,
+        options=options,
+        state=AssessmentState.QUEUED,
+    )
+    session.add(assessment)
+    session.flush()
+    return assessment
+
+
+def get(session: Session, assessment_id: str, *, with_scores: bool = True) -> Assessment:
+    query = select(Assessment).where(Assessment.id == assessment_id).options(selectinload(Assessment.inventory))
+    if with_scores:
+        query = query.options(selectinload(Assessment.scores))
+    assessment = session.scalar(query)
+    if assessment is None:
+        raise AssessmentNotFound(f"unknown assessment {assessment_id}")
+    return assessment
+
+
+def responses(session: Session, assessment_id: str) -> Sequence[ItemResponse]:
+    get(session, assessment_id, with_scores=False)
+    return session.scalars(
+        select(ItemResponse)
+        .where(ItemResponse.assessment_id == assessment_id)
+        .order_by(ItemResponse.run, ItemResponse.position)
+    ).all()
+
+
+def search(
+    session: Session,
+    *,
+    persona_key: str | None = None,
+    method: str | None = None,
+    inventory: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> Sequence[Assessment]:
+    query = (
+        select(Assessment)
+        .options(selectinload(Assessment.inventory), selectinload(Assessment.scores))
+        .order_by(Assessment.created_at.desc())
+    )
+    if persona_key:
+        query = query.where(Assessment.persona_key == persona_key)
+    if method:
+        query = query.where(Assessment.method == method)
+    if state:
+        query = query.where(Assessment.state == state)
+    if inventory:
+        query = query.join(InventoryRecord).where(InventoryRecord.name == inventory)
+    return session.scalars(query.limit(limit).offset(offset)).all()
+
+
+def mark_running(session: Session, assessment_id: str) -> None:
+    session.execute(
+        update(Assessment)
+        .where(Assessment.id == assessment_id)
+        .values(state=AssessmentState.RUNNING, started_at=utcnow(), error=None)
+    )
+
+
+def set_progress(session: Session, assessment_id: str, progress: dict[str, Any]) -> None:
+    session.execute(update(Assessment).where(Assessment.id == assessment_id).values(progress=progress))
+
+
+def complete(session: Session, assessment_id: str, items: list[Response], scores: Scores, expected_items: int) -> None:
+    """Store every response and score and mark the assessment done: call inside ONE transaction.
+
+    Refuses (InventoryError) when responses are missing, so an assessment is never done with holes.
+    """
+    if len(items) != expected_items:
+        raise InventoryError(f"assessment {assessment_id}: {len(items)} responses, expected {expected_items}")
+    session.execute(delete(ItemResponse).where(ItemResponse.assessment_id == assessment_id))
+    session.execute(delete(TraitScore).where(TraitScore.assessment_id == assessment_id))
+    session.add_all(
+        ItemResponse(
+            assessment_id=assessment_id,
+            run=r.run,
+            position=r.position,
+            item_id=r.item_id,
+            variant=r.variant,
+            raw_text=r.raw_text,
+            option_probs=r.option_probs,
+            option_mass=r.option_mass,
+            expected=r.expected,
+            argmax=r.argmax,
+            value=r.value,
+            parse_error=r.parse_error,
+        )
+        for r in items
+    )
+    for scope, table in (("trait", scores.traits), ("facet", scores.facets)):
+        session.add_all(
+            TraitScore(
+                assessment_id=assessment_id,
+                scope=scope,
+                key=key,
+                mean=values["mean"],
+                sd=values["sd"],
+                n_runs=values["n_runs"],
+                alpha=values["alpha"],
+                z=values["z"],
+            )
+            for key, values in table.items()
+        )
+    session.execute(
+        update(Assessment)
+        .where(Assessment.id == assessment_id)
+        .values(state=AssessmentState.DONE, summary=scores.summary, finished_at=utcnow())
+    )
+
+
+def fail(session: Session, assessment_id: str, error: str) -> None:
+    session.execute(
+        update(Assessment)
+        .where(Assessment.id == assessment_id, Assessment.state != AssessmentState.DONE)
+        .values(state=AssessmentState.FAILED, error=error[-4000:], finished_at=utcnow())
+    )
+
+
