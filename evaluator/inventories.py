@@ -115,8 +115,8 @@ class Inventory(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{1,63}$", description="Slug such as 'ipip_neo_120'.")
     title: str = Field(min_length=1, description="Human-readable title.")
-    citation: str = Field(description="Reference for the instrument.")
-    licence: str = Field(description="Terms of use of the item wording.")
+    citation: str = Field("", description="Reference for the instrument.")
+    licence: str = Field("", description="Terms of use of the item wording.")
     instruction: str = Field(min_length=1, description="Likert instruction shown before each statement.")
     instruction_variants: list[str] = Field(
         default_factory=list,

@@ -4,8 +4,8 @@ POST /v1/assess, GET /v1/assessments[/{id}[/items]], POST /v1/assessments/compar
 GET/POST /v1/inventories.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: the routes use the Annotated aliases defined inside
+# build_router, which FastAPI can only resolve when annotations are evaluated at definition time.
 from collections.abc import Callable
 from typing import Annotated, Any
 

@@ -102,3 +102,13 @@ def settings(tmp_path: Path, pg_url: str, data_dir: Path) -> Settings:
     work.mkdir()
     (work / "models").symlink_to(data_dir / "models", target_is_directory=True)
     return Settings(data_dir=work, database_url=pg_url)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path) -> Iterator[object]:
+    """ONE real vLLM engine (LoRA on) on the bundled model for the whole session (~45 s, ~4 GB)."""
+    from tests.engine_support import start_test_engine
+
+    started = start_test_engine(tmp_path_factory.mktemp("engine"))
+    yield started
+    started.shutdown()

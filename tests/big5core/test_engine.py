@@ -64,7 +64,7 @@ def random_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
     out = tmp_path_factory.mktemp("adapters") / "random"
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 

@@ -58,7 +58,7 @@ def test_drift_is_detected(empty_pg_url: str) -> None:
 def test_cli_db_upgrade(tmp_path: Path, url_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from big5core.cli import app
+    from big5.cli import app
 
     monkeypatch.setenv("BIG5_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("BIG5_DATABASE_URL", raising=False)

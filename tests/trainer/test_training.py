@@ -137,7 +137,7 @@ def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_mod
         "BIG5_TRAINER__HEARTBEAT_SECONDS": "1",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "big5core.cli", "worker", "--once"],
+        [sys.executable, "-m", "big5.cli", "worker", "--once"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     engine = make_engine(str(cfg.database_url))

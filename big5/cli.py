@@ -82,7 +82,7 @@ def db_current() -> None:
 
 def _register_edges() -> None:
     """Add the edge packages' command groups (each module imports its heavy deps lazily)."""
-    for module_name in ("trainer.cli", "service.cli", "evaluator.cli", "big5core.quickstart"):
+    for module_name in ("trainer.cli", "service.cli", "evaluator.cli", "big5.quickstart"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

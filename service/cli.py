@@ -1,0 +1,31 @@
+"""``big5 serve``: run the service with uvicorn (settings from the environment, prefix ``BIG5_``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+        log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    ) -> None:
+        """Serve /v1/generate, /v1/chat/completions, adapters, training jobs and assessments."""
+        import uvicorn
+
+        from big5core.settings import get_settings
+        from service.app import create_app
+        from service.middleware import install_request_id_logging
+
+        install_request_id_logging()
+        logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, force=True)
+        application = create_app(get_settings())
+        # log_config=None: keep the root configuration above (request ids) for uvicorn's loggers too.
+        uvicorn.run(application, host=host, port=port, log_config=None, log_level=log_level.lower())

@@ -1,0 +1,215 @@
+"""RFC 9457 problem responses: ONE table from domain exceptions to HTTP.
+
+Domain code raises its own exceptions (``PersonaNotFound``, ``PromptTooLong``, ...) without any HTTP
+knowledge; :data:`PROBLEMS` says what each one means on the wire. A lookup walks the exception's MRO,
+so a subclass listed in the table wins over its base (``AdapterNotReady`` before ``RegistryError``).
+Anything not in the table is a 500 whose body carries no internals (the traceback goes to the log).
+
+The few exceptions defined here are the service's own conditions (queue full, body too large,
+authentication); they are raised by the middleware, the dependencies and the serving layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from big5core.compose import CompositionError
+from big5core.engine import EngineNotReady, PromptTooLong
+from big5core.jobs import JobNotFound
+from big5core.persona import PersonaError, PersonaNotFound
+from big5core.registry import AdapterNotFound, AdapterNotReady, ChecksumMismatch, RegistryError
+from evaluator.inventories import InventoryError
+from evaluator.store import AssessmentNotFound, InventoryConflict, InventoryNotFound
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://big5chat.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+# ---------------------------------------------------------------- the service's own conditions
+
+
+class QueueFull(RuntimeError):
+    """Admission control: ``max_queue`` generation/assessment requests are already in flight."""
+
+
+class GenerationTimeout(TimeoutError):
+    """An engine call ran past ``request_timeout_s``."""
+
+
+class AdapterLoadFailed(RuntimeError):
+    """The engine refused an adapter the registry accepted (e.g. rank above ``max_lora_rank``)."""
+
+
+class BodyTooLarge(ValueError):
+    """The request body exceeds ``max_body_bytes``."""
+
+
+class Unauthorized(PermissionError):
+    """No API key, or one that is not configured."""
+
+
+class Forbidden(PermissionError):
+    """A valid key without the rights the route needs (an admin route with a client key)."""
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class ProblemKind:
+    status: int
+    slug: str
+    title: str
+    retry_after: int | None = None  # seconds, sent as Retry-After
+    expose_detail: bool = True  # False: the exception's text stays in the log
+
+
+PROBLEMS: Mapping[type[BaseException], ProblemKind] = {
+    # 422: the request does not match the schema
+    RequestValidationError: ProblemKind(422, "validation-error", "Request validation failed"),
+    ValidationError: ProblemKind(422, "validation-error", "Request validation failed"),
+    # 400: well-formed but semantically invalid
+    PersonaError: ProblemKind(400, "invalid-persona", "Invalid persona"),
+    InventoryError: ProblemKind(400, "invalid-inventory", "Invalid inventory"),
+    PromptTooLong: ProblemKind(400, "prompt-too-long", "Prompt and max_tokens exceed the context length"),
+    RegistryError: ProblemKind(400, "invalid-adapter-reference", "Invalid adapter reference"),
+    # 404: unknown things
+    PersonaNotFound: ProblemKind(404, "persona-not-found", "No adapter can realise the persona"),
+    AdapterNotFound: ProblemKind(404, "adapter-not-found", "Unknown adapter"),
+    AssessmentNotFound: ProblemKind(404, "assessment-not-found", "Unknown assessment"),
+    InventoryNotFound: ProblemKind(404, "inventory-not-found", "Unknown inventory"),
+    JobNotFound: ProblemKind(404, "training-job-not-found", "Unknown training job"),
+    # 409: exists, but not usable as it is
+    AdapterNotReady: ProblemKind(409, "adapter-not-ready", "Adapter not ready"),
+    InventoryConflict: ProblemKind(409, "inventory-conflict", "Inventory already exists"),
+    ChecksumMismatch: ProblemKind(
+        409, "adapter-checksum-mismatch", "Adapter refused: its files do not match the registry"
+    ),
+    CompositionError: ProblemKind(409, "composition-failed", "The adapters cannot be composed exactly"),
+    AdapterLoadFailed: ProblemKind(409, "adapter-load-failed", "The engine cannot load this adapter"),
+    # 401/403/413
+    Unauthorized: ProblemKind(401, "unauthorized", "Missing or invalid API key"),
+    Forbidden: ProblemKind(403, "forbidden", "This key may not use this route"),
+    BodyTooLarge: ProblemKind(413, "body-too-large", "Request body too large"),
+    # 503/504: try again later
+    EngineNotReady: ProblemKind(503, "engine-not-ready", "The generation engine is not ready", retry_after=10),
+    QueueFull: ProblemKind(503, "server-busy", "Too many requests in flight", retry_after=1),
+    GenerationTimeout: ProblemKind(504, "generation-timeout", "The engine did not answer in time"),
+}
+
+INTERNAL = ProblemKind(500, "internal-error", "Internal server error", expose_detail=False)
+
+
+def kind_of(exc: BaseException) -> ProblemKind:
+    """The table entry for ``exc`` (its most specific listed class), else the 500 entry."""
+    if isinstance(exc, StarletteHTTPException):
+        return _http_kind(exc.status_code)
+    for cls in type(exc).__mro__:
+        found = PROBLEMS.get(cls)
+        if found is not None:
+            return found
+    return INTERNAL
+
+
+def _http_kind(status: int) -> ProblemKind:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "HTTP error"
+    return ProblemKind(status, phrase.lower().replace(" ", "-").replace("'", ""), phrase)
+
+
+def type_uri(slug: str) -> str:
+    return PROBLEM_BASE + slug
+
+
+# ---------------------------------------------------------------- bodies and responses
+
+
+_SCHEMA_LOC_PARTS = ("[key]", "constrained-", "literal[", "function-")  # pydantic's, not the client's
+
+
+def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic errors without their inputs (which may be large or private), each naming its field."""
+    out = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        out.append(
+            {
+                "field": ".".join(part for part in loc if not part.startswith(_SCHEMA_LOC_PARTS)),
+                "loc": loc,
+                "msg": str(error.get("msg", "")),
+                "type": str(error.get("type", "")),
+            }
+        )
+    return out
+
+
+def problem_body(
+    exc: BaseException, instance: str, request_id: str | None = None
+) -> tuple[ProblemKind, dict[str, Any]]:
+    kind = kind_of(exc)
+    body: dict[str, Any] = {"type": type_uri(kind.slug), "title": kind.title, "status": kind.status}
+    if isinstance(exc, RequestValidationError | ValidationError):
+        errors = validation_errors(exc.errors())
+        body["detail"] = "; ".join(f"{e['field'] or 'body'}: {e['msg']}" for e in errors[:5])
+        body["errors"] = errors
+    elif isinstance(exc, StarletteHTTPException):
+        body["detail"] = str(exc.detail)
+    elif kind.expose_detail:
+        body["detail"] = str(exc) or kind.title
+    else:
+        body["detail"] = "An unexpected error occurred; the server log has the details" + (
+            f" (request {request_id})." if request_id else "."
+        )
+    body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    return kind, body
+
+
+def problem_response(exc: BaseException, instance: str, request_id: str | None = None) -> JSONResponse:
+    """The problem+json response for ``exc`` (status, headers and body from the table)."""
+    kind, body = problem_body(exc, instance, request_id)
+    headers: dict[str, str] = {}
+    if isinstance(exc, StarletteHTTPException) and exc.headers:
+        headers.update(exc.headers)
+    if kind.retry_after is not None:
+        headers["Retry-After"] = str(kind.retry_after)
+    if kind.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="big5chat"'
+    return JSONResponse(jsonable_encoder(body), status_code=kind.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _request_id(request: Request) -> str | None:
+    from service.middleware import current_request_id  # late: middleware imports this module
+
+    return current_request_id()
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    kind = kind_of(exc)
+    if kind.status >= 500 and kind is INTERNAL:
+        logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    elif kind.status >= 500:
+        logger.warning("%s on %s: %s", kind.slug, request.url.path, exc)
+    return problem_response(exc, request.url.path, _request_id(request))
+
+
+def install(app: FastAPI) -> None:
+    """Register one handler for every class in the table (and HTTP errors raised by routing)."""
+    for cls in (*PROBLEMS, StarletteHTTPException):
+        app.add_exception_handler(cls, _handle)  # type: ignore[arg-type]

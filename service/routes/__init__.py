@@ -1,0 +1,1 @@
+"""HTTP routers of the service: one thin module per feature."""

@@ -1,0 +1,228 @@
+"""The generation flow shared by /v1/generate and /v1/chat/completions (vLLM's "serving class").
+
+spec -> resolver.resolve (in a thread: it may compose an adapter) -> persona.apply(messages) ->
+length check (prompt tokens + max_tokens against the engine's context) -> engine.register_lora when
+the persona has an adapter -> engine.generate / engine.stream with that handle. Requests for
+different personas in flight at once share the engine's batch: each carries its own LoRA request.
+
+Every call is admitted first (:class:`~service.state.Admission`) and bounded by
+``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from big5core.engine import (
+    EngineNotReady,
+    GenerationChunk,
+    GenerationResult,
+    PersonaEngine,
+    PromptTooLong,
+    SamplingOptions,
+)
+from big5core.lora import LoraHandle
+from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
+from big5core.prompts import ChatMessage
+from big5core.settings import ServiceSettings
+from service.errors import AdapterLoadFailed, GenerationTimeout
+from service.metrics import ServiceMetrics
+from service.schemas import REST_OF_CONTEXT
+from service.state import Admission, Slot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    persona: ResolvedPersona
+    messages: list[ChatMessage]
+    sampling: SamplingOptions
+    lora: LoraHandle | None
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    persona: ResolvedPersona
+    result: GenerationResult
+
+
+class CompletionStream:
+    """An opened stream: the persona and prompt size are known, the first chunk already arrived.
+
+    Iterate it once; it holds its admission slot until exhausted, closed or garbage-collected.
+    """
+
+    def __init__(
+        self,
+        service: GenerationService,
+        prepared: Prepared,
+        chunks: AsyncIterator[GenerationChunk],
+        first: GenerationChunk | None,
+        slot: Slot,
+        deadline: float,
+        request_id: str,
+    ) -> None:
+        self.id = request_id
+        self.persona = prepared.persona
+        self.prompt_tokens = prepared.prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._service = service
+        self._prepared = prepared
+        self._chunks = chunks
+        self._first = first
+        self._slot = slot
+        self._deadline = deadline
+        weakref.finalize(self, slot.release)  # a stream nobody iterates still gives its slot back
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        pieces: list[str] = []
+        try:
+            chunk = self._first
+            self._first = None
+            while chunk is not None:
+                pieces.append(chunk.delta_text)
+                self.completion_tokens = chunk.completion_tokens
+                self.finish_reason = chunk.finish_reason
+                yield chunk
+                chunk = await self._service._next_chunk(self._chunks, self._deadline)
+            self._service._finished(self.id, self._prepared, "".join(pieces), self.completion_tokens)
+        finally:
+            self._slot.release()
+            with contextlib.suppress(Exception):
+                await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class GenerationService:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        resolver: PersonaResolver,
+        engine: PersonaEngine,
+        admission: Admission,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
+
+    # ------------------------------------------------------------ entry points
+
+    async def complete(
+        self, spec: PersonaSpec, messages: list[ChatMessage], sampling: SamplingOptions, *, prefix: str = "gen"
+    ) -> Completion:
+        """One whole reply."""
+        slot = self._admit()
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                prepared = await self.prepare(spec, messages, sampling, request_id)
+                result = await self.engine.generate(
+                    prepared.messages, prepared.sampling, lora=prepared.lora, request_id=request_id
+                )
+        except TimeoutError as exc:
+            raise self._timeout(request_id) from exc
+        finally:
+            slot.release()
+        self._finished(request_id, prepared, result.text, result.completion_tokens)
+        return Completion(request_id, prepared.persona, result)
+
+    async def open_stream(
+        self, spec: PersonaSpec, messages: list[ChatMessage], sampling: SamplingOptions, *, prefix: str = "gen"
+    ) -> CompletionStream:
+        """Resolve, check and start a stream, waiting for its first chunk.
+
+        Errors before the first token (unknown persona, prompt too long, engine not ready) raise here,
+        so the route can still answer with a problem status instead of a broken event stream.
+        """
+        slot = self._admit()
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        chunks: AsyncIterator[GenerationChunk] | None = None
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    prepared = await self.prepare(spec, messages, sampling, request_id)
+            except TimeoutError as exc:
+                raise self._timeout(request_id) from exc
+            chunks = self.engine.stream(prepared.messages, prepared.sampling, lora=prepared.lora, request_id=request_id)
+            first = await self._next_chunk(chunks, deadline)
+        except BaseException:
+            slot.release()
+            if chunks is not None:
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        return CompletionStream(self, prepared, chunks, first, slot, deadline, request_id)
+
+    # ------------------------------------------------------------ steps
+
+    async def prepare(
+        self, spec: PersonaSpec, messages: list[ChatMessage], sampling: SamplingOptions, request_id: str
+    ) -> Prepared:
+        persona = await asyncio.to_thread(self.resolver.resolve, spec)
+        final = persona.apply(messages)
+        prompt_tokens = await asyncio.to_thread(self._count, final)
+        limit = self.engine.max_model_len
+        if sampling.max_tokens == REST_OF_CONTEXT:
+            sampling = replace(sampling, max_tokens=max(1, limit - prompt_tokens))
+        if prompt_tokens + sampling.max_tokens > limit:
+            raise PromptTooLong(prompt_tokens, sampling.max_tokens, limit)
+        lora = await self._register(persona) if persona.adapter_name else None
+        self.metrics.observe_persona(persona)
+        if self.settings.log_prompts:
+            logger.info("%s persona %s prompt %r", request_id, persona.key, final)
+        else:
+            logger.debug("%s persona %s, %d prompt tokens", request_id, persona.key, prompt_tokens)
+        return Prepared(persona, final, sampling, lora, prompt_tokens)
+
+    def _count(self, messages: list[ChatMessage]) -> int:
+        return self.engine.count_tokens(self.engine.render(messages))
+
+    async def _register(self, persona: ResolvedPersona) -> LoraHandle:
+        assert persona.adapter_name is not None
+        if persona.adapter_path is None:
+            raise AdapterLoadFailed(f"adapter {persona.adapter_name} has no files to load")
+        try:
+            return await self.engine.register_lora(persona.adapter_name, persona.adapter_path)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            if isinstance(exc, EngineNotReady):
+                raise
+            raise AdapterLoadFailed(f"adapter {persona.adapter_name}: {exc}") from exc
+
+    async def _next_chunk(self, chunks: AsyncIterator[GenerationChunk], deadline: float) -> GenerationChunk | None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(chunks, None)
+        except TimeoutError as exc:
+            raise self._timeout("stream") from exc
+
+    def _admit(self) -> Slot:
+        if not self.engine.ready:
+            self.metrics.observe_rejection("engine_not_ready")
+            state = "starting" if self.engine.starting else "not started"
+            raise EngineNotReady(f"the engine is {state}" if not self.engine.error else self.engine.error)
+        return self.admission.acquire()
+
+    def _timeout(self, request_id: str) -> GenerationTimeout:
+        return GenerationTimeout(
+            f"{request_id}: no answer within request_timeout_s={self.settings.request_timeout_s:g} s"
+        )
+
+    def _finished(self, request_id: str, prepared: Prepared, text: str, completion_tokens: int) -> None:
+        self.metrics.observe_tokens(prepared.persona.method.value, prepared.prompt_tokens, completion_tokens)
+        if self.settings.log_prompts:
+            logger.info("%s completion %r", request_id, text)
+        else:
+            logger.debug("%s done: %d tokens", request_id, completion_tokens)

@@ -1,0 +1,111 @@
+"""Helpers for the service tests: random PEFT adapters on the bundled model, publishing, SSE parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from big5core import registry
+from big5core.db import transaction
+from big5core.lora import LLAMA_TARGET_MODULES
+from big5core.stack import Stack
+
+QUESTION = "Describe your ideal weekend in two sentences."
+
+
+def build_random_loras(model_path: Path, out_root: Path, seeds: Sequence[int]) -> dict[int, Path]:
+    """Rank-8 PEFT adapters on all seven projections with random, NONZERO A and B (one per seed).
+
+    The base model is loaded once; each seed re-draws the LoRA weights and saves a folder.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=list(LLAMA_TARGET_MODULES), init_lora_weights=False, bias="none"
+    )
+    model = get_peft_model(base, config)
+    folders: dict[int, Path] = {}
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    bound = 1.0 / math.sqrt(param.shape[1])
+                    param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+                elif "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.03)
+        folder = out_root / f"seed-{seed}"
+        model.save_pretrained(folder)
+        folders[seed] = folder
+    return folders
+
+
+@dataclass
+class Loras:
+    folders: dict[int, Path]
+
+    def publish(
+        self,
+        stack: Stack,
+        name: str,
+        traits: dict[str, Any],
+        seed: int,
+        *,
+        method: str = "sft",
+        layout: str = "per-trait",
+    ) -> str:
+        """Copy the seed's adapter into staging and publish it as ready; returns name@version."""
+        staged = registry.staging_dir(stack.settings.adapters_dir)
+        shutil.copytree(self.folders[seed], staged, dirs_exist_ok=True)
+        with transaction(stack.sessions) as session:
+            row = registry.publish(
+                session,
+                staged,
+                stack.settings.adapters_dir,
+                name=name,
+                base_model=stack.base_model_id,
+                method=method,
+                layout=layout,
+                traits=traits,
+                max_rank=stack.settings.engine.max_lora_rank,
+            )
+            return row.ref
+
+
+def sse_events(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """(event name, data) pairs of a text/event-stream; unnamed events are "message"."""
+    events: list[tuple[str, str]] = []
+    name, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                events.append((name, "\n".join(data)))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[len("event:") :].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:") :].strip())
+    if data:
+        events.append((name, "\n".join(data)))
+    return events
+
+
+def sse_from_text(text: str) -> list[tuple[str, Any]]:
+    """Parsed events; JSON data decoded (``[DONE]`` stays a string)."""
+    out: list[tuple[str, Any]] = []
+    for name, data in sse_events(text.splitlines()):
+        out.append((name, data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+def generate_body(**fields: Any) -> dict[str, Any]:
+    """A greedy /v1/generate body for QUESTION (fields override)."""
+    return {"prompt": QUESTION, "temperature": 0.0, "max_tokens": 24, **fields}
