@@ -30,7 +30,9 @@ from evaluator.inventories import get_builtin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--paper-items", type=int, default=20, help="sequential items timed for (b); 600 = all")
-    parser.add_argument("--lora", action="store_true", help="start the engine with LoRA enabled (the service's setting)")
+    parser.add_argument(
+        "--lora", action="store_true", help="start the engine with LoRA enabled (the service's setting)"
+    )
     args = parser.parse_args()
 
     settings = get_settings()
@@ -48,12 +50,18 @@ def main() -> None:
     logprob_s, logprob_runs, paper_item_s, paper_failures, paper_n, batch_s, batch_failures = results
     paper_total = paper_item_s * 5 * len(prompts)
     print(f"\nengine start: {start_s:.0f} s (not counted); LoRA {'on' if args.lora else 'off'}; items: {len(prompts)}")
-    print(f"(a) log-prob, one batched run of 120 items: {logprob_s:.2f} s (median of {len(logprob_runs)}: "
-          f"{', '.join(f'{t:.2f}' for t in logprob_runs)})")
+    print(
+        f"(a) log-prob, one batched run of 120 items: {logprob_s:.2f} s (median of {len(logprob_runs)}: "
+        f"{', '.join(f'{t:.2f}' for t in logprob_runs)})"
+    )
     label = "measured" if paper_n >= 5 * len(prompts) else f"extrapolated from {paper_n} sequential items"
-    print(f"(b) paper protocol, one item at a time, 5 runs: {paper_total:.0f} s ({label}; {paper_item_s:.2f} s/item; "
-          f"{paper_failures}/{paper_n} answers unparseable)")
-    print(f"(c) paper protocol, each run one batch, 5 runs: {batch_s:.0f} s ({batch_failures}/{5 * len(prompts)} unparseable)")
+    print(
+        f"(b) paper protocol, one item at a time, 5 runs: {paper_total:.0f} s ({label}; {paper_item_s:.2f} s/item; "
+        f"{paper_failures}/{paper_n} answers unparseable)"
+    )
+    print(
+        f"(c) paper protocol, each run one batch, 5 runs: {batch_s:.0f} s ({batch_failures}/{5 * len(prompts)} unparseable)"
+    )
     print(f"ratio (b)/(a): {paper_total / logprob_s:.0f}x   ratio (c)/(a): {batch_s / logprob_s:.0f}x")
 
 
@@ -79,8 +87,10 @@ async def run(engine: PersonaEngine, prompts: list[list[ChatMessage]], paper_ite
     batch_failures = 0
     for run_index in range(5):
         outs = await asyncio.gather(
-            *(engine.generate(p, SamplingOptions(max_tokens=128, temperature=0.6, seed=run_index * 1000 + j))
-              for j, p in enumerate(prompts))
+            *(
+                engine.generate(p, SamplingOptions(max_tokens=128, temperature=0.6, seed=run_index * 1000 + j))
+                for j, p in enumerate(prompts)
+            )
         )
         batch_failures += sum(parse_answer(o.text)[0] is None for o in outs)
     batch_s = time.monotonic() - t0

@@ -97,7 +97,5 @@ def main() -> None:
     app()
 
 
-
-
 if __name__ == "__main__":
     main()

@@ -126,7 +126,9 @@ def personas(methods: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def assess_all(stack: Any, inventories: list[str], methods: list[str], *, runs: int, concurrency: int) -> dict[str, Any]:
+def assess_all(
+    stack: Any, inventories: list[str], methods: list[str], *, runs: int, concurrency: int
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     from evaluator import report, store
@@ -148,7 +150,9 @@ def assess_all(stack: Any, inventories: list[str], methods: list[str], *, runs: 
                 ]
             if not done:
                 todo.append(request)
-    typer.echo(f"[assess] {len(todo)} assessment(s) to run, {len(inventories) * len(personas(methods)) - len(todo)} reused")
+    typer.echo(
+        f"[assess] {len(todo)} assessment(s) to run, {len(inventories) * len(personas(methods)) - len(todo)} reused"
+    )
     if todo:
         engine = stack.make_engine()
         t0 = time.monotonic()
@@ -179,5 +183,3 @@ def assess_all(stack: Any, inventories: list[str], methods: list[str], *, runs: 
             found = [a for a in found if a.method in methods and a.runs == runs]
             tables[inventory] = report.paper_table(found, inventory)
     return tables
-
-

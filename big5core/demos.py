@@ -22,7 +22,12 @@ def _path(source: str) -> Path:
 def _rows(source: str) -> tuple[tuple[str, str, str, str], ...]:
     with _path(source).open(newline="", encoding="utf-8") as fh:
         return tuple(
-            (r.get("original_index", ""), (r.get("trait") or "").lower(), (r.get("level") or "").lower(), r.get("train_output") or "")
+            (
+                r.get("original_index", ""),
+                (r.get("trait") or "").lower(),
+                (r.get("level") or "").lower(),
+                r.get("train_output") or "",
+            )
             for r in csv.DictReader(fh)
         )
 

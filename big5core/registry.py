@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from big5core.modelstore import sha256_tree
 from big5core.models import Adapter, AdapterState
+from big5core.modelstore import sha256_tree
 
 logger = logging.getLogger(__name__)
 

@@ -60,9 +60,7 @@ class TrainerSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="BIG5_", env_nested_delimiter="__", extra="ignore", env_file=None
-    )
+    model_config = SettingsConfigDict(env_prefix="BIG5_", env_nested_delimiter="__", extra="ignore", env_file=None)
 
     data_dir: Path = Field(Path("./big5-data"), description="Models, adapters, datasets and the SQLite file.")
     database_url: str | None = Field(

@@ -63,5 +63,3 @@ def build_stack(settings: Settings, *, migrate_db: bool = True) -> Stack:
         settings, sessions, base_id, demo_examples=partial(demo_examples, source=settings.demo_dataset)
     )
     return Stack(settings, db, sessions, base_path, base_id, resolver)
-
-

@@ -29,7 +29,9 @@ class Engine(Protocol):
 
     async def option_scores(self, messages: list[ChatMessage], options: list[str], lora: Any = None) -> Any: ...
 
-    async def generate(self, messages: list[ChatMessage], sampling: Any, lora: Any = None, request_id: str | None = None) -> Any: ...
+    async def generate(
+        self, messages: list[ChatMessage], sampling: Any, lora: Any = None, request_id: str | None = None
+    ) -> Any: ...
 
 
 @dataclass
@@ -163,7 +165,9 @@ def score(inventory: Inventory, responses: list[Response], runs: int) -> Scores:
         "n_responses": len(responses),
         "n_failed": len(failures),
         "parse_failure_rate": scoring.parse_failure_rate(len(failures), len(responses)) if responses else None,
-        "failures": [{"run": r.run, "item_id": r.item_id, "text": r.raw_text, "error": r.parse_error} for r in failures][:200],
+        "failures": [
+            {"run": r.run, "item_id": r.item_id, "text": r.raw_text, "error": r.parse_error} for r in failures
+        ][:200],
         "option_mass_mean": sum(masses) / len(masses) if masses else None,
         "option_mass_min": min(masses) if masses else None,
         "argmax_counts": argmax_counts,

@@ -31,7 +31,9 @@ def assess(
     method: Annotated[str, typer.Option(help="direct, prompt, demo, sft or dpo")] = "direct",
     trait: Annotated[list[str] | None, typer.Option(help="trait=value (repeatable), e.g. openness=1")] = None,
     adapter: Annotated[str | None, typer.Option(help="explicit adapter name@version")] = None,
-    inventory: Annotated[str, typer.Option(help="bfi44, ipip_neo_120, ipip_neo_300 or an uploaded one")] = "ipip_neo_120",
+    inventory: Annotated[
+        str, typer.Option(help="bfi44, ipip_neo_120, ipip_neo_300 or an uploaded one")
+    ] = "ipip_neo_120",
     scoring: Annotated[str, typer.Option(help="logprob or generate")] = "logprob",
     runs: Annotated[int, typer.Option(min=1)] = 5,
     shuffle: bool = False,
@@ -68,14 +70,14 @@ def assess(
 
 
 def format_profile(result: dict[str, Any]) -> str:
-    lines = [f"assessment {result['id']}: {result['state']}  persona {result.get('resolved_persona', {}).get('key', '')}"]
+    lines = [
+        f"assessment {result['id']}: {result['state']}  persona {result.get('resolved_persona', {}).get('key', '')}"
+    ]
     if result.get("error"):
         lines.append(f"error: {result['error']}")
     lines.append(f"{'trait':<18}{'mean':>7}{'sd':>7}{'alpha':>7}{'z':>7}")
     for name, score in result.get("traits", {}).items():
-        lines.append(
-            f"{name:<18}" + "".join(f"{_f(score.get(k)):>7}" for k in ("mean", "sd", "alpha", "z"))
-        )
+        lines.append(f"{name:<18}" + "".join(f"{_f(score.get(k)):>7}" for k in ("mean", "sd", "alpha", "z")))
     summary = result.get("summary", {})
     if summary.get("option_mass_mean") is not None:
         lines.append(f"option mass (probability on the answer options): mean {summary['option_mass_mean']:.3f}")

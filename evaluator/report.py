@@ -60,7 +60,9 @@ class PaperTable:
             lines.append(
                 f"{method:<8}"
                 + "".join(
-                    f"{_fmt(cells[t.value].high) + ' / ' + _fmt(cells[t.value].low):>16}" if t.value in cells else f"{'-':>16}"
+                    f"{_fmt(cells[t.value].high) + ' / ' + _fmt(cells[t.value].low):>16}"
+                    if t.value in cells
+                    else f"{'-':>16}"
                     for t in TRAITS
                 )
             )

@@ -29,8 +29,14 @@ from evaluator.schemas import (
 
 
 def assessment_out(a: Assessment) -> AssessmentOut:
-    traits = {s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, alpha=s.alpha, z=s.z) for s in a.scores if s.scope == "trait"}
-    facets = {s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, z=s.z) for s in a.scores if s.scope == "facet"}
+    traits = {
+        s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, alpha=s.alpha, z=s.z)
+        for s in a.scores
+        if s.scope == "trait"
+    }
+    facets = {
+        s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, z=s.z) for s in a.scores if s.scope == "facet"
+    }
     return AssessmentOut(
         id=a.id,
         state=a.state,
@@ -78,7 +84,9 @@ def build_router(
 
     @router.get("/assessments/{assessment_id}/items", response_model=list[ItemResponseOut])
     def get_items(assessment_id: str, session: SessionDep) -> list[ItemResponseOut]:
-        return [ItemResponseOut.model_validate(r, from_attributes=True) for r in store.responses(session, assessment_id)]
+        return [
+            ItemResponseOut.model_validate(r, from_attributes=True) for r in store.responses(session, assessment_id)
+        ]
 
     @router.get("/assessments", response_model=list[AssessmentOut])
     def list_assessments(

@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from big5core.models import Assessment, AssessmentState, InventoryItemRecord, InventoryRecord, ItemResponse, TraitScore, utcnow
+from big5core.models import (
+    Assessment,
+    AssessmentState,
+    InventoryItemRecord,
+    InventoryRecord,
+    ItemResponse,
+    TraitScore,
+    utcnow,
+)
 from evaluator.administer import Response, Scores
 from evaluator.inventories import Inventory, InventoryError, builtin_inventories
 
@@ -221,5 +229,3 @@ def fail(session: Session, assessment_id: str, error: str) -> None:
         .where(Assessment.id == assessment_id, Assessment.state != AssessmentState.DONE)
         .values(state=AssessmentState.FAILED, error=error[-4000:], finished_at=utcnow())
     )
-
-

@@ -81,8 +81,8 @@ def train(
 
 def _claim_specific(runner: Any, job_id: str) -> bool:
     """Claim this job if it is claimable now (another worker may hold it)."""
-    from big5core.db import transaction
     from big5core import jobs
+    from big5core.db import transaction
 
     with transaction(runner.sessions) as session:
         return jobs.claim_next(session, runner.owner, runner.settings.trainer.lease_seconds, job_id) is not None

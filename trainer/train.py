@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from big5core.training import TrainSpec
 from big5core.traits import Level, Trait
 from trainer import dataset as ds
-from big5core.training import TrainSpec
 
 logger = logging.getLogger(__name__)
 

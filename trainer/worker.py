@@ -23,14 +23,13 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import registry
+from big5core import jobs, registry
 from big5core.db import engine_for, session_factory, transaction
-from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.models import TrainingJob
+from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
-from big5core import jobs
-from trainer.dataset import DatasetError
 from big5core.training import TrainSpec
+from trainer.dataset import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +147,9 @@ class Worker:
                 logger.info("Job %s: %s already published as %s", job_id, name, published[name])
                 continue
             data = prepare(spec, rows, report, target)
-            beat.update({"phase": f"training {name}", "adapter": name, "adapter_index": index, "adapters": len(targets)})
+            beat.update(
+                {"phase": f"training {name}", "adapter": name, "adapter_index": index, "adapters": len(targets)}
+            )
             checkpoints = self.settings.data_dir / "checkpoints" / job_id / name
             staged = self._staging(job_id)
             outcome = train_adapter(
@@ -194,7 +195,9 @@ class Worker:
                     raise LeaseLost(job_id)  # rolls back the registration too
             shutil.rmtree(checkpoints, ignore_errors=True)
         with transaction(self.sessions) as session:
-            if not jobs.succeed(session, job_id, self.owner, {"adapters": published}, {**beat.snapshot(), "phase": "done"}):
+            if not jobs.succeed(
+                session, job_id, self.owner, {"adapters": published}, {**beat.snapshot(), "phase": "done"}
+            ):
                 raise LeaseLost(job_id)
         shutil.rmtree(self.settings.data_dir / "checkpoints" / job_id, ignore_errors=True)
         return "succeeded"

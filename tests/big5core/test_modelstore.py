@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from big5core.modelstore import MANIFEST, EOS_TOKEN, provision_bundled, resolve_base_model, sha256_tree
+from big5core.modelstore import EOS_TOKEN, MANIFEST, provision_bundled, resolve_base_model, sha256_tree
 from big5core.settings import BUNDLED_MODEL, Settings
 
 
@@ -24,7 +24,9 @@ def test_manifest_and_idempotence(bundled_model_path: Path) -> None:
 
 
 def test_base_model_by_setting(tmp_path: Path, bundled_model_path: Path) -> None:
-    assert resolve_base_model(Settings(data_dir=tmp_path, base_model=str(bundled_model_path))) == str(bundled_model_path)
+    assert resolve_base_model(Settings(data_dir=tmp_path, base_model=str(bundled_model_path))) == str(
+        bundled_model_path
+    )
     assert resolve_base_model(Settings(data_dir=tmp_path, base_model="meta-llama/Meta-Llama-3-8B-Instruct")) == (
         "meta-llama/Meta-Llama-3-8B-Instruct"
     )

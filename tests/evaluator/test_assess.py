@@ -13,11 +13,11 @@ from big5core.engine import GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack
+from evaluator import store
 from evaluator.administer import parse_answer
 from evaluator.inventories import Inventory
 from evaluator.runner import AssessmentRunner
 from evaluator.schemas import AssessRequest
-from evaluator import store
 
 
 @pytest.fixture()
@@ -89,7 +89,9 @@ class PlantedEngine:
     fail_after: int | None = None
     calls: int = 0
 
-    async def generate(self, messages: list[Any], sampling: Any, lora: Any = None, request_id: str | None = None) -> Any:
+    async def generate(
+        self, messages: list[Any], sampling: Any, lora: Any = None, request_id: str | None = None
+    ) -> Any:
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("engine died (planted)")
@@ -130,7 +132,9 @@ def _custom(session: Any) -> str:
 def test_generate_mode_counts_planted_failures(stack: Stack) -> None:
     with stack.sessions() as session, session.begin():
         name = _custom(session)
-    engine = PlantedEngine({"life of the party": "4 - Moderately accurate", "background": "Your score is 2.", "Worry": "banana"})
+    engine = PlantedEngine(
+        {"life of the party": "4 - Moderately accurate", "background": "Your score is 2.", "Worry": "banana"}
+    )
     runner = AssessmentRunner(stack.sessions, stack.resolver, engine)
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": name, "scoring": "generate", "runs": 2}
@@ -162,15 +166,29 @@ def test_engine_failure_mid_assessment_leaves_failed_without_items(stack: Stack)
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "failed"
         assert "engine died" in (assessment.error or "")
-        count = session.scalar(select(func.count()).select_from(ItemResponse).where(ItemResponse.assessment_id == assessment_id))
+        count = session.scalar(
+            select(func.count()).select_from(ItemResponse).where(ItemResponse.assessment_id == assessment_id)
+        )
         assert count == 0
         assert not assessment.scores
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4", 4), (" 5.", 5), ("1 - Very inaccurate", 1), ("3)", 3), ("(2)", 2), ("2\nBecause...", 2),
-     ("Your score is 1.", None), ("45", None), ("0", None), ("", None), ("I'd say 4", None), ("6", None)],
+    [
+        ("4", 4),
+        (" 5.", 5),
+        ("1 - Very inaccurate", 1),
+        ("3)", 3),
+        ("(2)", 2),
+        ("2\nBecause...", 2),
+        ("Your score is 1.", None),
+        ("45", None),
+        ("0", None),
+        ("", None),
+        ("I'd say 4", None),
+        ("6", None),
+    ],
 )
 def test_strict_parse(text: str, value: int | None) -> None:
     assert parse_answer(text)[0] == value

@@ -41,7 +41,7 @@ def build_random_loras(model_path: Path, out_root: Path, seeds: Sequence[int]) -
                     bound = 1.0 / math.sqrt(param.shape[1])
                     param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
                 elif "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.03)
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
         folder = out_root / f"seed-{seed}"
         model.save_pretrained(folder)
         folders[seed] = folder

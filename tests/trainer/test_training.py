@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from big5core.db import make_engine, session_factory, transaction
-from big5core.modelstore import sha256_file, sha256_tree
+from big5core.db import make_engine, session_factory
 from big5core.models import Adapter, JobState, TrainingJob
+from big5core.modelstore import sha256_file, sha256_tree
 from big5core.registry import check_adapter_folder
 from big5core.settings import Settings, TrainerSettings
-from tests.model_support import make_tiny_llama
 from big5core.training import TrainSpec
+from tests.model_support import make_tiny_llama
 from trainer.train import load_dataset_rows, prepare, train_adapter
 from trainer.worker import Worker, submit
 
@@ -60,7 +60,9 @@ def test_training_changes_lora_only(method: str, tiny_model: Path, tmp_path: Pat
     # the base weights are untouched: on disk and inside the adapted model
     assert sha256_file(tiny_model / "model.safetensors") == base_digest
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tmp_path / "out")
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), tmp_path / "out"
+    )
     base_params = dict(fresh.named_parameters())
     for name, param in adapted.get_base_model().named_parameters():
         if "lora_" in name:
@@ -124,7 +126,9 @@ def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_mod
     """SIGKILL a real worker process mid-job; a second worker reclaims it after the lease and finishes it."""
     cfg = _tiny_settings(settings, tiny_model, lease_seconds=4, heartbeat_seconds=1, poll_seconds=0.2)
     spec = TrainSpec(
-        method="sft", layout="per-trait", conditions=["agreeableness:low"],
+        method="sft",
+        layout="per-trait",
+        conditions=["agreeableness:low"],
         **{**FAST, "max_steps": 40, "save_steps": 2, "learning_rate": 1e-3},
     )
     job_id = submit(cfg, spec)
@@ -138,7 +142,9 @@ def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_mod
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "big5.cli", "worker", "--once"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     engine = make_engine(str(cfg.database_url))
     sessions = session_factory(engine)
