@@ -20,14 +20,14 @@ logger = logging.getLogger(__name__)
 # Step counts chosen so the whole run fits in about 30 minutes on 2 CPU cores with the bundled
 # 135M model (see README for the measured times); users on a GPU raise them by flags or YAML.
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
-    "sft-unified": {"method": "sft", "layout": "unified", "max_steps": 60, "learning_rate": 2e-4},
-    "dpo-unified": {"method": "dpo", "layout": "unified", "max_steps": 24, "learning_rate": 5e-5},
-    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 12, "learning_rate": 3e-4},
-    "dpo-per-trait": {"method": "dpo", "layout": "per-trait", "max_steps": 6, "learning_rate": 1e-4},
+    "sft-unified": {"method": "sft", "layout": "unified", "max_steps": 40, "learning_rate": 3e-4},
+    "dpo-unified": {"method": "dpo", "layout": "unified", "max_steps": 12, "learning_rate": 1e-4},
+    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 5, "learning_rate": 5e-4},
+    "dpo-per-trait": {"method": "dpo", "layout": "per-trait", "max_steps": 2, "learning_rate": 2e-4},
 }
 COMMON_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 4,
-    "max_length": 192,
+    "max_length": 160,
     "warmup_steps": 2,
     "save_steps": 20,
     "eval": False,

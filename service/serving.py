@@ -94,7 +94,7 @@ class CompletionStream:
                 self.completion_tokens = chunk.completion_tokens
                 self.finish_reason = chunk.finish_reason
                 yield chunk
-                chunk = await self._service._next_chunk(self._chunks, self._deadline)
+                chunk = await self._service._next_chunk(self._chunks, self._deadline, self.id)
             self._service._finished(self.id, self._prepared, "".join(pieces), self.completion_tokens)
         finally:
             self._slot.release()
@@ -157,7 +157,7 @@ class GenerationService:
             except TimeoutError as exc:
                 raise self._timeout(request_id) from exc
             chunks = self.engine.stream(prepared.messages, prepared.sampling, lora=prepared.lora, request_id=request_id)
-            first = await self._next_chunk(chunks, deadline)
+            first = await self._next_chunk(chunks, deadline, request_id)
         except BaseException:
             slot.release()
             if chunks is not None:
@@ -201,12 +201,14 @@ class GenerationService:
                 raise
             raise AdapterLoadFailed(f"adapter {persona.adapter_name}: {exc}") from exc
 
-    async def _next_chunk(self, chunks: AsyncIterator[GenerationChunk], deadline: float) -> GenerationChunk | None:
+    async def _next_chunk(
+        self, chunks: AsyncIterator[GenerationChunk], deadline: float, request_id: str
+    ) -> GenerationChunk | None:
         try:
             async with asyncio.timeout_at(deadline):
                 return await anext(chunks, None)
         except TimeoutError as exc:
-            raise self._timeout("stream") from exc
+            raise self._timeout(request_id) from exc
 
     def _admit(self) -> Slot:
         if not self.engine.ready:

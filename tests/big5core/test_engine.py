@@ -47,25 +47,36 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersonaEngine]:
 
 
 @pytest.fixture(scope="module")
-def random_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rank-8 PEFT adapter on all seven projections with random, NONZERO lora_B weights."""
+def random_loras(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """As many rank-8 PEFT adapters (all seven projections) as the engine has LoRA slots for, each
+    with different random, NONZERO lora_B weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1234)
     base = AutoModelForCausalLM.from_pretrained(engine_model_path(), dtype=torch.float32)
     config = LoraConfig(
         r=8, lora_alpha=16, target_modules=list(LLAMA_TARGET_MODULES), init_lora_weights=False, bias="none"
     )
     model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
-    out = tmp_path_factory.mktemp("adapters") / "random"
-    model.save_pretrained(str(out))
-    return out
+    root = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for index in range(TEST_ENGINE.max_loras):
+        torch.manual_seed(1234 + index)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.uniform_(-0.04, 0.04)
+                elif "lora_B" in name:
+                    param.normal_(0.0, 0.02)
+        model.save_pretrained(str(root / f"random-{index}"))
+        paths.append(root / f"random-{index}")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def random_lora(random_loras: list[Path]) -> Path:
+    return random_loras[0]
 
 
 # ------------------------------------------------------------------ no engine needed
@@ -199,23 +210,29 @@ def test_random_adapter_changes_output(engine: PersonaEngine, random_lora: Path)
 
 
 @pytest.mark.slow
-def test_base_request_in_mixed_batch_is_unaffected(engine: PersonaEngine, random_lora: Path) -> None:
-    """The vLLM-CPU LoRA bug: a base request batched with adapter requests must stay the base."""
+def test_base_request_in_mixed_batch_is_unaffected(engine: PersonaEngine, random_loras: list[Path]) -> None:
+    """The vLLM-CPU LoRA bug: a base request batched with adapter requests must stay the base.
+
+    ``max_loras`` different adapters in one batch occupy every slot but the zero adapter's, so the
+    last slot holds a real adapter: exactly what a request sent with LoRA index -1 would pick up.
+    """
 
     async def scenario() -> None:
-        handle = await engine.register_lora("random", random_lora)
+        names = ["random"] + [f"random-{i}" for i in range(1, len(random_loras))]
+        handles = [await engine.register_lora(n, p) for n, p in zip(names, random_loras, strict=True)]
         base_prompt = chat(QUESTIONS[1])
-        adapter_prompts = [chat(q) for q in QUESTIONS]
+        jobs = [(chat(QUESTIONS[i % len(QUESTIONS)]), handle) for i, handle in enumerate(handles)]
         base_alone = (await engine.generate(base_prompt, GREEDY)).text
-        adapter_alone = [(await engine.generate(p, GREEDY, lora=handle)).text for p in adapter_prompts]
-        assert adapter_alone[1] != base_alone  # the adapter matters for this very prompt
+        adapter_alone = [(await engine.generate(p, GREEDY, lora=h)).text for p, h in jobs]
+        tuned_same_prompt = {(await engine.generate(base_prompt, GREEDY, lora=h)).text for h in handles}
+        assert base_alone not in tuned_same_prompt  # every adapter matters for this very prompt
 
-        calls = [engine.generate(p, GREEDY, lora=handle) for p in adapter_prompts]
-        calls.insert(2, engine.generate(base_prompt, GREEDY))
-        mixed = [r.text for r in await asyncio.gather(*calls)]
-        base_mixed = mixed.pop(2)
-        assert base_mixed == base_alone
-        assert mixed == adapter_alone
+        for position in (0, len(jobs) // 2, len(jobs)):
+            calls = [engine.generate(p, GREEDY, lora=h) for p, h in jobs]
+            calls.insert(position, engine.generate(base_prompt, GREEDY))
+            mixed = [r.text for r in await asyncio.gather(*calls)]
+            assert mixed.pop(position) == base_alone
+            assert mixed == adapter_alone
         # ... and a base request issued right after adapter traffic is still the base.
         assert (await engine.generate(base_prompt, GREEDY)).text == base_alone
 

@@ -316,3 +316,16 @@ def test_no_error_is_a_200(client: TestClient) -> None:
     assert_problem(response, 404, "persona-not-found")
     chat = {"model": "big5/bogus", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     assert_problem(client.post("/v1/chat/completions", json=chat), 400, "invalid-persona")
+
+
+def test_engine_calls_time_out_with_504(
+    service_settings: Settings, service_stack: Stack, engine: PersonaEngine
+) -> None:
+    app = create_app(with_service(service_settings, request_timeout_s=0.05), stack=service_stack, engine=engine)
+    with TestClient(app) as impatient:
+        body = generate_body(method="direct", max_tokens=512)
+        problem = assert_problem(impatient.post("/v1/generate", json=body), 504, "generation-timeout")
+        assert "request_timeout_s=0.05" in problem["detail"]
+        chat = {"model": "big5/direct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 512}
+        assert_problem(impatient.post("/v1/chat/completions", json=chat), 504, "generation-timeout")
+        assert impatient.get("/metrics").text.count("big5_requests_in_flight 0.0") == 1  # slots came back
