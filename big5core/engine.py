@@ -355,21 +355,23 @@ class PersonaEngine:
         return lora.to_request()
 
     def _prepare(
-        self, messages: Sequence[ChatMessage], params: SamplingParams, lora: LoraHandle | None, request_id: str | None
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingOptions,
+        kind: str,
+        lora: LoraHandle | None,
+        request_id: str | None = None,
+        **extra: Any,
     ) -> _Prepared:
+        """Checks readiness and length, tokenises the rendered chat, builds vLLM's request pieces."""
         self._require()
-        token_ids = self.encode(self.render(messages))
-        max_tokens = int(params.max_tokens or 0)
-        if len(token_ids) + max_tokens > self._max_model_len:
-            raise PromptTooLong(len(token_ids), max_tokens, self._max_model_len)
-        return _Prepared(token_ids, params, self._lora_request(lora), request_id or uuid.uuid4().hex)
-
-    @staticmethod
-    def _sampling_params(sampling: SamplingOptions, kind: str, **extra: Any) -> SamplingParams:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
+        token_ids = self.encode(self.render(messages))
+        if len(token_ids) + sampling.max_tokens > self._max_model_len:
+            raise PromptTooLong(len(token_ids), sampling.max_tokens, self._max_model_len)
+        params = SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -378,6 +380,7 @@ class PersonaEngine:
             output_kind=RequestOutputKind[kind],
             **extra,
         )
+        return _Prepared(token_ids, params, self._lora_request(lora), request_id or uuid.uuid4().hex)
 
     def _engine_stream(self, prepared: _Prepared) -> AsyncIterator[RequestOutput]:
         from vllm.inputs import TokensPrompt
@@ -405,7 +408,7 @@ class PersonaEngine:
         request_id: str | None = None,
     ) -> GenerationResult:
         """Generate one reply (``lora=None``: the base model)."""
-        prepared = self._prepare(messages, self._sampling_params(sampling, "FINAL_ONLY"), lora, request_id)
+        prepared = self._prepare(messages, sampling, "FINAL_ONLY", lora, request_id)
         completion = (await self._call(self._final_on_loop(prepared))).outputs[0]
         return GenerationResult(
             text=completion.text,
@@ -422,7 +425,7 @@ class PersonaEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Yield the reply in pieces; the concatenated ``delta_text`` equals :meth:`generate`'s text."""
-        prepared = self._prepare(messages, self._sampling_params(sampling, "DELTA"), lora, request_id)
+        prepared = self._prepare(messages, sampling, "DELTA", lora, request_id)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
 
@@ -466,9 +469,9 @@ class PersonaEngine:
         Uses ``SamplingParams(logprob_token_ids=...)``, which returns log-probabilities (from the raw
         logits, before temperature) for exactly these ids, unlike top-k ``logprobs``.
         """
+        self._require()
         ids = self.option_token_ids(options)
-        params = self._sampling_params(SamplingOptions(max_tokens=1), "FINAL_ONLY", logprob_token_ids=ids)
-        prepared = self._prepare(messages, params, lora, None)
+        prepared = self._prepare(messages, SamplingOptions(max_tokens=1), "FINAL_ONLY", lora, logprob_token_ids=ids)
         logprobs = (await self._call(self._final_on_loop(prepared))).outputs[0].logprobs
         if not logprobs:
             raise RuntimeError(f"request {prepared.request_id} returned no log-probabilities")
