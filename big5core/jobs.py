@@ -74,14 +74,8 @@ def claim_next(session: Session, owner: str, lease_seconds: int, job_id: str | N
     return candidate
 
 
-def heartbeat(
-    session: Session, job_id: str, owner: str, lease_seconds: int, progress: dict[str, Any] | None = None
-) -> bool:
-    """Renew the lease (and record progress); False when the lease was lost to another worker."""
-    now = utcnow()
-    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
-    if progress is not None:
-        values["progress"] = progress
+def _update_owned(session: Session, job_id: str, owner: str, values: dict[str, Any]) -> bool:
+    """UPDATE the job only while ``owner`` still holds it running; False when the lease was lost."""
     result = session.execute(
         update(TrainingJob)
         .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
@@ -91,6 +85,17 @@ def heartbeat(
     return result.rowcount == 1
 
 
+def heartbeat(
+    session: Session, job_id: str, owner: str, lease_seconds: int, progress: dict[str, Any] | None = None
+) -> bool:
+    """Renew the lease (and record progress); False when the lease was lost to another worker."""
+    now = utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    if progress is not None:
+        values["progress"] = progress
+    return _update_owned(session, job_id, owner, values)
+
+
 def record_result(
     session: Session, job_id: str, owner: str, result: dict[str, Any], progress: dict[str, Any] | None = None
 ) -> bool:
@@ -98,13 +103,7 @@ def record_result(
     values: dict[str, Any] = {"result": result}
     if progress is not None:
         values["progress"] = progress
-    outcome = session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return outcome.rowcount == 1
+    return _update_owned(session, job_id, owner, values)
 
 
 def succeed(
@@ -113,13 +112,7 @@ def succeed(
     values: dict[str, Any] = {"state": JobState.SUCCEEDED, "result": result, "finished_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
-    outcome = session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
-        .values(lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    return outcome.rowcount == 1
+    return _update_owned(session, job_id, owner, {"lease_expires_at": None, **values})
 
 
 def fail(session: Session, job_id: str, owner: str, error: str, *, retryable: bool) -> str:
