@@ -211,29 +211,22 @@ def train_adapter(
     if spec.method == "sft":
         from trl import SFTConfig
 
+        trainer_cls = _fast_sft_trainer()
         args = SFTConfig(**common, completion_only_loss=True, packing=False)
-        trainer = _fast_sft_trainer()(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=_peft_config(spec),
-            callbacks=callbacks,
-        )
     else:
         from trl import DPOConfig, DPOTrainer
 
+        trainer_cls = DPOTrainer
         args = DPOConfig(**common, beta=spec.beta, loss_type=["sigmoid"])
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=_peft_config(spec),
-            callbacks=callbacks,
-        )
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=_peft_config(spec),
+        callbacks=callbacks,
+    )
 
     resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if resume:
