@@ -60,7 +60,8 @@ def main() -> None:
         f"{paper_failures}/{paper_n} answers unparseable)"
     )
     print(
-        f"(c) paper protocol, each run one batch, 5 runs: {batch_s:.0f} s ({batch_failures}/{5 * len(prompts)} unparseable)"
+        f"(c) paper protocol, each run one batch, 5 runs: {batch_s:.0f} s "
+        f"({batch_failures}/{5 * len(prompts)} unparseable)"
     )
     print(f"ratio (b)/(a): {paper_total / logprob_s:.0f}x   ratio (c)/(a): {batch_s / logprob_s:.0f}x")
 

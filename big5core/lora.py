@@ -9,9 +9,15 @@ request decoded in the same batch as adapter requests -- or after an adapter has
 last slot -- silently runs with that adapter. The bug is open upstream (vllm-project/vllm PRs #49656
 and #48421, see ``/work/shared/CPU_NOTES.md``).
 
-We never send index ``-1``: when LoRA is enabled, "no adapter" is served as an explicit adapter whose
-``lora_B`` matrices are all zero, so its delta ``B @ A @ x`` is exactly zero. :func:`make_zero_adapter`
-writes it in PEFT format straight from the base model's config (no model weights are loaded).
+The way out used here: an adapter whose ``lora_B`` matrices are all zero (its delta ``B @ A @ x`` is
+exactly zero) is pinned in the *last* LoRA slot, the one index ``-1`` reads. Base requests keep index
+``-1``, so a batch of only base requests skips the LoRA ops entirely (vLLM's fast path; sending the
+zero adapter explicitly instead made base prompts ~2x and option scoring up to ~20x slower), and a
+base request in a mixed batch reads zeros. vLLM gives each new adapter the first free slot, so
+:meth:`AdapterTable.add_zero` fills every slot with zero copies at start-up, pins the one in the last
+slot and removes the others. :func:`make_zero_adapter` writes it in PEFT format straight from the
+base model's config (no model weights are loaded). ``tests/big5core/test_engine.py`` checks that a
+base request in a mixed batch returns what it returns alone.
 """
 
 from __future__ import annotations
@@ -173,7 +179,7 @@ def lora_engine_setup(
     """``AsyncEngineArgs`` LoRA keywords and the zero adapter's folder (None when not used).
 
     ``zero=None`` uses the zero adapter wherever LoRA is on and there is no GPU. The zero adapter is
-    pinned in a slot of its own, so ``settings.max_loras`` real adapters still fit in one batch.
+    pinned in a slot of its own (the last), so ``settings.max_loras`` real adapters still fit in one batch.
     """
     if not enable_lora:
         return {"enable_lora": False}, None
@@ -208,8 +214,8 @@ class AdapterTable:
 
     def check(self, name: str, path: Path) -> Path:
         """Validate a registration before it reaches the engine; returns the resolved folder."""
-        if name == ZERO_ADAPTER_NAME:
-            raise ValueError(f"adapter name {name!r} is reserved")
+        if name.startswith(ZERO_ADAPTER_NAME):
+            raise ValueError(f"adapter names starting with {ZERO_ADAPTER_NAME!r} are reserved")
         path = path.resolve()
         rank = adapter_rank(path)
         if rank > self.max_rank:
@@ -221,11 +227,22 @@ class AdapterTable:
             self._ids_by_name[name] = next(self._ids)
         return self._ids_by_name[name]
 
-    async def add_zero(self, llm: AsyncLLM, path: Path) -> LoraHandle:
-        """Load the zero adapter and pin it, so it is never evicted from its slot."""
-        zero = LoraHandle(ZERO_ADAPTER_NAME, path, self._id_for(ZERO_ADAPTER_NAME))
-        await self._add(llm, zero)
+    async def add_zero(self, llm: AsyncLLM, path: Path, slots: int) -> LoraHandle:
+        """Pin the zero adapter in the last of ``slots`` LoRA slots, where LoRA index -1 reads.
+
+        Call on a fresh engine (every slot free): vLLM puts each added adapter in the first free
+        slot, so ``slots`` copies fill slots 0..slots-1 in order; the last one is pinned (never
+        evicted) and the others are removed, freeing their slots for real adapters.
+        """
+        copies = [
+            LoraHandle(f"{ZERO_ADAPTER_NAME}{i}", path, self._id_for(f"{ZERO_ADAPTER_NAME}{i}")) for i in range(slots)
+        ]
+        for copy in copies:
+            await self._add(llm, copy)
+        zero = copies[-1]
         await llm.pin_lora(zero.int_id)
+        for copy in copies[:-1]:
+            await llm.remove_lora(copy.int_id)
         return zero
 
     async def register(self, llm: AsyncLLM, name: str, path: Path) -> LoraHandle:

@@ -31,10 +31,7 @@ class TemplateId(StrEnum):
 
 def unified_instruction(trait: Trait, level: Level) -> str:
     """The dataset's ``train_instruction`` for one trait-level condition."""
-    return (
-        "You are a helpful assistant with the following Big Five personality traits: "
-        f"{trait.title} - {level.value}"
-    )
+    return f"You are a helpful assistant with the following Big Five personality traits: {trait.title} - {level.value}"
 
 
 def prompt_inst(trait: Trait, level: Level) -> str:

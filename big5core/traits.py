@@ -6,6 +6,7 @@ resolver and the questionnaire scorer all speak in these terms.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -85,10 +86,9 @@ class TraitVector(RootModel[dict[Trait, TraitValue]]):
             out: dict[Any, Any] = {}
             for key, value in data.items():
                 if isinstance(key, str):
-                    try:
+                    # left as is when unknown: the dict[Trait, ...] schema reports the field by name
+                    with contextlib.suppress(ValueError):
                         key = Trait.parse(key)
-                    except ValueError:
-                        pass  # left as is: the dict[Trait, ...] schema reports the field by name
                 if isinstance(value, str) and value.strip().lower() in ("high", "low"):
                     value = value.strip().lower()
                 out[key] = value

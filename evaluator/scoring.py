@@ -89,7 +89,7 @@ def recode(value: float, keyed: str, points: int = 5) -> float:
     return float(value) if keyed == "+" else float(points + 1 - value)
 
 
-def _recoded(items: Sequence[ScoredItem], answers: Mapping[str, float | None], points: int) -> dict[str, float]:
+def recoded_answers(items: Sequence[ScoredItem], answers: Mapping[str, float | None], points: int) -> dict[str, float]:
     """Recoded answers of the answered items; rejects answers for ids the items do not contain."""
     ids = {item.id for item in items}
     unknown = [key for key in answers if key not in ids]
@@ -112,7 +112,7 @@ def _mean(values: list[float]) -> float | None:
 
 def score_run(items: Sequence[ScoredItem], answers: Mapping[str, float | None], points: int = 5) -> RunScores:
     """Trait and facet means of one run; ``answers`` maps item id to the raw answer or None."""
-    recoded = _recoded(items, answers, points)
+    recoded = recoded_answers(items, answers, points)
     by_trait: dict[Trait, list[float]] = {}
     by_facet: dict[str, list[float]] = {}
     for item in items:
@@ -189,7 +189,7 @@ def trait_alphas(
 
     A run that misses any of a trait's items is left out of that trait's alpha (listwise deletion).
     """
-    recoded = [_recoded(items, answers, points) for answers in runs_answers]
+    recoded = [recoded_answers(items, answers, points) for answers in runs_answers]
     out: dict[Trait, float | None] = {}
     for trait in TRAITS:
         ids = [item.id for item in items if item.trait is trait]

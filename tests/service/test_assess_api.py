@@ -90,6 +90,7 @@ def test_compare_table_and_figure(client: TestClient) -> None:
         assert _wait(client, started.json()["id"])["state"] == "done"
     table = client.post("/v1/assessments/compare", json={"inventory": "bfi44"}).json()
     cell = table["methods"]["prompt"]["openness"]
-    assert cell["high"] is not None and cell["low"] is not None and cell["gap"] == pytest.approx(cell["high"] - cell["low"])
+    assert cell["high"] is not None and cell["low"] is not None
+    assert cell["gap"] == pytest.approx(cell["high"] - cell["low"])
     svg = client.post("/v1/assessments/compare", json={"inventory": "bfi44", "format": "svg"})
     assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml") and b"<svg" in svg.content

@@ -1,0 +1,205 @@
+"""Fidelity benchmark: the quickstart experiment with more runs, and the statistics the paper lacks.
+
+Trains (or reuses) the quickstart adapters, assesses Direct, Prompt-Inst, SFT and DPO for the 10
+trait-level conditions with ``--runs`` runs each (instruction wordings cycle across runs; log-prob
+scoring), then reports per inventory, method and trait:
+
+- the induced-high and induced-low score of the target trait, their gap and a 95% paired bootstrap CI
+  over the trait's items;
+- Cronbach's alpha per trait (every run of every condition of the method one respondent);
+- the off-target shift: mean |change| of the four other traits from Direct;
+- per method, the Frobenius distance of the 10 conditions' 5x5 trait correlation matrix to the human
+  one (Davies et al. 2015 meta-analysis, observed r);
+- the target check: gap >= 1.0, CI excluding 0, and larger than Prompt-Inst's gap.
+
+Writes ``<data_dir>/reports/fidelity-<inventory>.json`` and prints Markdown for docs/RESULTS.md.
+
+    python bench/fidelity.py --runs 5                # uses BIG5_* settings like every command
+    python bench/fidelity.py --runs 5 --skip-training --inventory ipip_neo_120
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from typing import Any
+
+from big5core.traits import TRAITS, Trait
+from evaluator.fidelity import Condition, Gap, MethodFidelity, analyse
+
+METHOD_LABELS = {"direct": "Direct", "prompt": "Prompt-Inst", "demo": "Prompt-Demo", "sft": "SFT", "dpo": "DPO"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--inventory", action="append", help="default: ipip_neo_120 and bfi44")
+    parser.add_argument("--method", action="append", help="default: direct prompt sft dpo")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--bootstrap", type=int, default=10_000)
+    args = parser.parse_args()
+
+    from big5.quickstart import QUICK_TRAINING, assess_all, train_all
+    from big5core.settings import get_settings
+    from big5core.stack import build_stack
+
+    started = time.monotonic()
+    inventories = args.inventory or ["ipip_neo_120", "bfi44"]
+    methods = args.method or ["direct", "prompt", "sft", "dpo"]
+    settings = get_settings()
+    stack = build_stack(settings)
+    print(f"# fidelity bench {dt.date.today()}: {' '.join(sys.argv)}", flush=True)
+    print(f"base model {stack.base_model_id}; database {settings.resolved_database_url}", flush=True)
+    if not args.skip_training:
+        train_all(stack, {k: v for k, v in QUICK_TRAINING.items() if v["method"] in methods})
+    assess_all(stack, inventories, methods, runs=args.runs, concurrency=args.concurrency)
+    reports = settings.data_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    for inventory in inventories:
+        conditions, items_by_trait, adapters = load_conditions(stack, inventory, methods, args.runs)
+        from evaluator.inventories import human_correlation_matrix
+
+        _, human = human_correlation_matrix("r")
+        direct, results = analyse(conditions, items_by_trait, human, n_boot=args.bootstrap)
+        report = to_dict(inventory, args.runs, direct, results, adapters)
+        (reports / f"fidelity-{inventory}.json").write_text(json.dumps(report, indent=2))
+        print(markdown(inventory, args.runs, direct, results, adapters))
+    print(f"\nfidelity bench finished in {time.monotonic() - started:.0f} s")
+    stack.close()
+
+
+def load_conditions(
+    stack: Any, inventory: str, methods: list[str], runs: int
+) -> tuple[list[Condition], dict[Trait, list[str]], dict[str, list[str]]]:
+    """Every done log-prob assessment of ``inventory`` with ``runs`` runs, as recoded answers per run."""
+    from evaluator import scoring, store
+    from evaluator.report import _single_pole
+
+    conditions: list[Condition] = []
+    adapters: dict[str, set[str]] = {}
+    with stack.sessions() as session:
+        inv = store.load_inventory(session, inventory)
+        items_by_trait = {t: [i.id for i in inv.items if i.trait is t] for t in TRAITS}
+        found = store.search(session, inventory=inventory, state="done", limit=100_000)
+        seen: set[tuple[str, str]] = set()
+        for a in found:  # newest first: one assessment per (method, persona)
+            if a.method not in methods or a.runs != runs or a.scoring_mode != "logprob":
+                continue
+            if (a.method, a.persona_key) in seen:
+                continue
+            pole = _single_pole(a) if a.method != "direct" else None
+            if a.method != "direct" and (pole is None or abs(pole[1]) != 1.0):
+                continue
+            seen.add((a.method, a.persona_key))
+            for part in (a.resolved_persona or {}).get("parts") or []:
+                adapters.setdefault(a.method, set()).add(str(part.get("adapter")))
+            per_run: list[dict[str, float | None]] = [{} for _ in range(a.runs)]
+            for r in store.responses(session, a.id):
+                per_run[r.run][r.item_id] = r.value
+            recoded = [scoring.recoded_answers(inv.items, answers, inv.scale.points) for answers in per_run]
+            trait, level = (None, None) if pole is None else (pole[0], "high" if pole[1] > 0 else "low")
+            conditions.append(Condition(a.method, trait, level, recoded))
+    return conditions, items_by_trait, {k: sorted(v) for k, v in adapters.items()}
+
+
+def target_met(results: dict[str, MethodFidelity], trait: Trait) -> dict[str, Any]:
+    prompt = results.get("prompt")
+    prompt_gap = prompt.gaps[trait].gap if prompt and trait in prompt.gaps else None
+    out: dict[str, Any] = {}
+    for method in ("sft", "dpo"):
+        fid = results.get(method)
+        if fid is None or trait not in fid.gaps:
+            continue
+        g = fid.gaps[trait]
+        out[method] = bool(g.gap >= 1.0 and g.excludes_zero and (prompt_gap is None or g.gap > prompt_gap))
+    return out
+
+
+def to_dict(
+    inventory: str,
+    runs: int,
+    direct: dict[Trait, float | None] | None,
+    results: dict[str, MethodFidelity],
+    adapters: dict[str, list[str]],
+) -> dict[str, Any]:
+    return {
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "inventory": inventory,
+        "runs": runs,
+        "direct": None if direct is None else {t.value: v for t, v in direct.items()},
+        "adapters": adapters,
+        "methods": {
+            method: {
+                "gaps": {t.value: vars(g) for t, g in fid.gaps.items()},
+                "alpha": {t.value: a for t, a in fid.alpha.items()},
+                "off_target": {t.value: s for t, s in fid.off_target.items()},
+                "correlation_distance": fid.correlation_distance,
+                "correlation_note": fid.correlation_note,
+            }
+            for method, fid in results.items()
+        },
+        "target_met": {t.value: target_met(results, t) for t in TRAITS},
+    }
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _gap_cells(g: Gap) -> str:
+    return f"{g.high:.2f} | {g.low:.2f} | {g.gap:+.2f} [{g.ci_low:+.2f}, {g.ci_high:+.2f}]"
+
+
+def markdown(
+    inventory: str,
+    runs: int,
+    direct: dict[Trait, float | None] | None,
+    results: dict[str, MethodFidelity],
+    adapters: dict[str, list[str]],
+) -> str:
+    order = [m for m in ("prompt", "demo", "sft", "dpo") if m in results] + sorted(
+        m for m in results if m not in METHOD_LABELS
+    )
+    lines = [f"\n### {inventory}, {runs} run(s) per condition\n"]
+    if direct is not None:
+        lines.append("Direct (no persona): " + ", ".join(f"{t.code} {_f(direct.get(t))}" for t in TRAITS) + "\n")
+    lines.append("| method | trait | high | low | gap [95% CI] | alpha | off-target shift | target met |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for method in order:
+        fid = results[method]
+        for trait in TRAITS:
+            g = fid.gaps.get(trait)
+            met = target_met(results, trait).get(method)
+            lines.append(
+                f"| {METHOD_LABELS.get(method, method)} | {trait.title} | "
+                + (
+                    f"{g.high:.2f} | {g.low:.2f} | {g.gap:+.2f} [{g.ci_low:+.2f}, {g.ci_high:+.2f}]"
+                    if g
+                    else "- | - | -"
+                )
+                + f" | {_f(fid.alpha.get(trait))} | {_f(fid.off_target.get(trait))} | "
+                + ("-" if met is None else ("yes" if met else "no"))
+                + " |"
+            )
+    lines.append("\n| method | correlation distance to human (Frobenius, lower is better) |")
+    lines.append("|---|---|")
+    for method in order:
+        fid = results[method]
+        value = (
+            _f(fid.correlation_distance)
+            if fid.correlation_distance is not None
+            else f"undefined: {fid.correlation_note}"
+        )
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | {value} |")
+    if adapters:
+        lines.append("\nAdapters: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in sorted(adapters.items())))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
