@@ -1,13 +1,18 @@
 """Training speed on the bundled model and sample data: seconds per step and tokens per second.
 
     python bench/train_speed.py [--steps 6] [--batch 4] [--max-length 256] [--methods sft dpo]
+    python bench/train_speed.py --random-shape llama3-8b --tokenizer PATH   # a larger model's speed
 
-A benchmark, not a test: it prints what it measured, side by side, in one run.
+``--random-shape`` times a randomly initialised model of a published architecture (weights do not
+change the speed of a step) with the tokenizer of ``--tokenizer`` (default: the configured base
+model), for machines where the real weights cannot be downloaded. The dtype is what training uses:
+float32 on CPU, bfloat16 on a GPU. A benchmark, not a test: it prints what it measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import tempfile
 import time
@@ -18,6 +23,43 @@ from big5core.settings import get_settings
 from big5core.training import TrainSpec
 from trainer.train import load_dataset_rows, prepare, train_adapter
 
+# Llama-architecture shapes (config.json values of the published models; vocab from the tokenizer).
+SHAPES: dict[str, dict[str, int]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3},
+    "llama3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8},
+}  # fmt: skip
+
+
+def random_model(shape: str, tokenizer_path: str, out: Path) -> Path:
+    """Save a randomly initialised Llama of ``shape`` with ``tokenizer_path``'s tokenizer to ``out``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        tie_word_embeddings=shape == "smollm2-135m",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    (out / "random-shape.json").write_text(json.dumps({"shape": shape, "parameters": params}))
+    del model
+    return out
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -26,10 +68,24 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=["sft", "dpo"])
+    parser.add_argument("--random-shape", choices=sorted(SHAPES))
+    parser.add_argument("--tokenizer", help="tokenizer folder for --random-shape (default: the base model)")
     args = parser.parse_args()
 
+    import torch
+
     settings = get_settings()
-    base = resolve_base_model(settings)
+    scratch = tempfile.TemporaryDirectory()
+    if args.random_shape:
+        made = time.monotonic()
+        folder = random_model(args.random_shape, args.tokenizer or resolve_base_model(settings), Path(scratch.name) / "m")
+        info = json.loads((folder / "random-shape.json").read_text())
+        print(
+            f"random {args.random_shape}: {info['parameters'] / 1e9:.2f} B parameters ({time.monotonic() - made:.0f} s)"
+        )
+        base = str(folder)
+    else:
+        base = resolve_base_model(settings)
     rows_out = []
     for method in args.methods:
         spec = TrainSpec(
@@ -66,13 +122,23 @@ def main() -> None:
         tokens = result.train_tokens
         rows_out.append((method, result.steps, per_step, tokens / result.seconds if result.seconds else 0.0, wall))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(f"\nbase model: {base}; batch {args.batch} x <= {args.max_length} tokens; LoRA r={args.rank}, fp32")
+    on_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if on_gpu else "CPU"
+    dtype = "bf16" if on_gpu else "fp32"
+    label = f"random {args.random_shape}" if args.random_shape else base
+    print(
+        f"\nbase model: {label}; {device}; batch {args.batch} x <= {args.max_length} tokens; "
+        f"LoRA r={args.rank}, {dtype}"
+    )
     print(f"{'method':<6} {'steps':>5} {'s/step':>8} {'tokens/s':>9} {'wall s':>7}")
     for method, steps, per_step, tps, wall in rows_out:
         print(f"{method:<6} {steps:>5} {per_step:>8.2f} {tps:>9.1f} {wall:>7.1f}")
     if len(rows_out) == 2:
         print(f"dpo/sft time per step: {rows_out[1][2] / rows_out[0][2]:.2f}x")
     print(f"peak RSS: {peak_gb:.2f} GB")
+    if on_gpu:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

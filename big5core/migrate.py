@@ -8,9 +8,12 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
 
 from big5core.models import Base
+
+_UPGRADE_LOCK = 0x6269673543484154  # "big5CHAT": the PostgreSQL advisory lock held while upgrading
 
 
 def alembic_config(url: str) -> Config:
@@ -22,6 +25,41 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+
+
+def head_revision(url: str) -> str | None:
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def ensure_current(url: str) -> bool:
+    """Upgrade the database to head unless it is there already; True when it upgraded.
+
+    Every entry point (service, worker, ``big5 train``/``jobs``/``assess``) calls this, so a fresh
+    SQLite file or an empty Postgres database just works. On PostgreSQL concurrent callers (several
+    workers starting at once) queue on an advisory lock and the later ones find the schema current.
+    """
+    from big5core.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        head = head_revision(url)
+        if current_revision(engine) == head:
+            return False
+        if engine.dialect.name != "postgresql":
+            upgrade(url)
+            return True
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _UPGRADE_LOCK})
+            try:
+                if current_revision(engine) == head:
+                    return False
+                upgrade(url)
+                return True
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _UPGRADE_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str = "base") -> None:

@@ -54,7 +54,7 @@ def build_stack(settings: Settings, *, migrate_db: bool = True) -> Stack:
     """Database (migrated to head unless told otherwise), base model (provisioned), resolver."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate_db:
-        migrate.upgrade(settings.resolved_database_url)
+        migrate.ensure_current(settings.resolved_database_url)
     db = engine_for(settings)
     sessions = session_factory(db)
     base_path = resolve_base_model(settings)

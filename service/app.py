@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
 
 from big5core import registry
 from big5core.engine import PersonaEngine
@@ -25,7 +29,7 @@ from big5core.settings import Settings
 from big5core.stack import Stack, build_stack
 from evaluator.routes import build_router as build_evaluator_router
 from service import errors
-from service.deps import get_runner, get_session, require_admin, require_client
+from service.deps import get_runner, get_session, get_state, require_admin, require_client
 from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
@@ -34,6 +38,7 @@ from service.middleware import (
     install_request_id_logging,
 )
 from service.routes import adapters, generate, health, openai, training
+from service.schemas import ChatCompletionChunk, GenerateStreamEvent, Problem, problems
 from service.serving import GenerationService
 from service.state import Admission, AdmittedRunner, ServiceState
 
@@ -74,8 +79,14 @@ def create_app(settings: Settings, *, stack: Stack | None = None, engine: Person
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(training.router)
-    app.include_router(build_evaluator_router(get_runner, get_session, require_client, require_admin))
+    # The evaluator's routes raise its and the resolver's domain errors (unknown inventory or
+    # assessment, invalid or unrealisable persona, adapter not ready): the table maps them to these.
+    app.include_router(
+        build_evaluator_router(get_runner, get_session, require_client, require_admin),
+        responses=problems(400, 404, 409),
+    )
     app.include_router(health.router)
+    app.openapi = _openapi_documenting_problems(app)  # type: ignore[method-assign]
     # Added last = outermost: request id, then metrics, then the body limit next to the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.service.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -142,3 +153,75 @@ def _ready_refs(stack: Stack) -> set[str]:
     with stack.sessions() as session:
         rows = registry.list_adapters(session, state=AdapterState.READY, base_model=stack.base_model_id)
         return {row.ref for row in rows}
+
+
+# ---------------------------------------------------------------- the OpenAPI schema
+
+
+STREAMED_MODELS = (Problem, GenerateStreamEvent, ChatCompletionChunk)  # the event-stream docs refer to these
+PROBLEM_CONTENT = {errors.PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+
+
+def _depends_on(dependant: Dependant, target: Callable[..., Any]) -> bool:
+    return any(sub.call is target or _depends_on(sub, target) for sub in dependant.dependencies)
+
+
+def _openapi_documenting_problems(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` that documents what the error handlers and middleware really answer.
+
+    Every error response is a Problem as ``application/problem+json`` (FastAPI documents its own 422
+    model and ``application/json``), and each operation lists the statuses it gets by construction:
+    401 with a key dependency, 403 with the admin one, 503 when it needs the service state (while
+    the service starts, and while the database is unavailable), 422 with parameters or a body, and
+    400 (unparseable) and 413 (too large) with a body. Route-specific statuses stay with the routes.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        routes = {
+            (route.path_format, method.lower()): route.dependant
+            for route in app.routes
+            if isinstance(route, APIRoute) and route.include_in_schema
+            for method in route.methods
+        }
+        for path, item in schema.get("paths", {}).items():
+            for method, operation in item.items():
+                dependant = routes.get((path, method))
+                responses = operation.setdefault("responses", {})
+                added = []
+                if operation.get("security"):
+                    added.append("401")
+                if dependant is not None and _depends_on(dependant, require_admin):
+                    added.append("403")
+                if dependant is not None and _depends_on(dependant, get_state):
+                    added.append("503")
+                if operation.get("parameters") or operation.get("requestBody"):
+                    added.append("422")
+                if operation.get("requestBody"):
+                    added += ["400", "413"]
+                for status in added:
+                    responses.setdefault(status, {"description": "Problem details"})
+                for status, response in responses.items():
+                    content = response.get("content") or {}
+                    json_ref = (content.get("application/json") or {}).get("schema", {}).get("$ref")
+                    if (
+                        status.isdigit()
+                        and int(status) >= 400
+                        and (not content or errors.PROBLEM_MEDIA_TYPE in content or json_ref == _FASTAPI_422)
+                    ):
+                        response["content"] = PROBLEM_CONTENT
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        _, streamed = models_json_schema(
+            [(model, "serialization") for model in STREAMED_MODELS], ref_template="#/components/schemas/{model}"
+        )
+        for name, definition in streamed.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 models, replaced above
+            components.pop(unused, None)
+        return schema
+
+    return openapi

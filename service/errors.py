@@ -22,6 +22,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from big5core.compose import CompositionError
@@ -108,6 +109,11 @@ PROBLEMS: Mapping[type[BaseException], ProblemKind] = {
     EngineNotReady: ProblemKind(503, "engine-not-ready", "The generation engine is not ready", retry_after=10),
     QueueFull: ProblemKind(503, "server-busy", "Too many requests in flight", retry_after=1),
     GenerationTimeout: ProblemKind(504, "generation-timeout", "The engine did not answer in time"),
+    # The database refused or lost the connection (or asked for a retry): routes that need it wait
+    # for it, routes that do not (direct and prompt generation) keep answering. Its text names hosts.
+    OperationalError: ProblemKind(
+        503, "database-unavailable", "The database is unavailable", retry_after=5, expose_detail=False
+    ),
 }
 
 INTERNAL = ProblemKind(500, "internal-error", "Internal server error", expose_detail=False)
@@ -172,7 +178,8 @@ def problem_body(
     elif kind.expose_detail:
         body["detail"] = str(exc) or kind.title
     else:
-        body["detail"] = "An unexpected error occurred; the server log has the details" + (
+        what = "An unexpected error occurred" if kind is INTERNAL else kind.title
+        body["detail"] = f"{what}; the server log has the details" + (
             f" (request {request_id})." if request_id else "."
         )
     body["instance"] = instance

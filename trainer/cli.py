@@ -104,11 +104,14 @@ def list_jobs(limit: int = 20) -> None:
     """List recent training jobs."""
     from sqlalchemy import select
 
+    from big5core import migrate
     from big5core.db import engine_for, session_factory
     from big5core.models import TrainingJob
     from big5core.settings import get_settings
 
-    sessions = session_factory(engine_for(get_settings()))
+    settings = get_settings()
+    migrate.ensure_current(settings.resolved_database_url)
+    sessions = session_factory(engine_for(settings))
     with sessions() as session:
         for job in session.scalars(select(TrainingJob).order_by(TrainingJob.created_at.desc()).limit(limit)):
             typer.echo(f"{job.id}  {job.state:<10} attempts={job.attempts} progress={json.dumps(job.progress)}")

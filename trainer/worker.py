@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, registry
+from big5core import jobs, migrate, registry
 from big5core.db import engine_for, session_factory, transaction
 from big5core.models import TrainingJob
 from big5core.modelstore import base_model_id, resolve_base_model
@@ -83,6 +83,7 @@ class Worker:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        migrate.ensure_current(settings.resolved_database_url)
         self.engine = engine_for(settings)
         self.sessions = session_factory(self.engine)
 
@@ -226,6 +227,7 @@ class Worker:
 
 def submit(settings: Settings, spec: TrainSpec) -> str:
     """Queue a job; returns its id."""
+    migrate.ensure_current(settings.resolved_database_url)
     sessions = session_factory(engine_for(settings))
     with transaction(sessions) as session:
         job = jobs.create_job(session, spec, max_attempts=settings.trainer.max_attempts)

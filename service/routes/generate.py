@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.deps import ServingDep, require_client
-from service.routes.sse import event_stream, sse, stream_problem
+from service.routes.sse import component, event, event_stream, json_data, sse, stream_content, stream_problem
 from service.schemas import GenerateRequest, GenerateResponse, GenerateStreamEvent, PersonaReport, Usage, problems
 from service.serving import CompletionStream
 
@@ -21,7 +21,10 @@ router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(requ
         200: {
             "description": "The reply; with stream=true, text/event-stream of GenerateStreamEvent "
             "(deltas, then `event: done` with finish_reason, usage and persona; `event: error` on failure).",
-            "content": {"text/event-stream": {"schema": GenerateStreamEvent.model_json_schema()}},
+            "content": stream_content(
+                event(["message", "done"], json_data(component("GenerateStreamEvent"))),
+                event(["error"], json_data(component("Problem"))),
+            ),
         },
         **problems(400, 401, 404, 409, 413, 422, 503, 504),
     },

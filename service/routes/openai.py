@@ -13,7 +13,7 @@ from big5core.models import Adapter, AdapterState
 from big5core.persona import Method, persona_key
 from big5core.traits import TRAITS, Trait, TraitVector
 from service.deps import ServingDep, SessionDep, StateDep, require_client
-from service.routes.sse import event_stream, sse, stream_problem
+from service.routes.sse import component, event, event_stream, json_data, sse, stream_content, stream_problem
 from service.schemas import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -33,6 +33,7 @@ from service.serving import CompletionStream
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_client)])
 
 UNIFIED = "unified"
+STREAM_ERROR = {"type": "object", "required": ["error"], "properties": {"error": component("Problem")}}
 
 
 def _finish(reason: str | None) -> str | None:
@@ -43,7 +44,15 @@ def _finish(reason: str | None) -> str | None:
     "/chat/completions",
     response_model=ChatCompletionResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "With stream=true: chat.completion.chunk events."},
+        200: {
+            "description": "With stream=true: chat.completion.chunk events (an error object if generation fails "
+            "after the status line), then [DONE].",
+            "content": stream_content(
+                event(["message"], json_data(component("ChatCompletionChunk"))),
+                event(["message"], json_data(STREAM_ERROR)),
+                event(["message"], {"const": "[DONE]"}),
+            ),
+        },
         **problems(400, 401, 404, 409, 413, 422, 503, 504),
     },
 )

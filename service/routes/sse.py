@@ -1,4 +1,9 @@
-"""Server-sent events: encoding and the response headers every stream of this service uses."""
+"""Server-sent events: encoding, the response headers every stream of this service uses, and their OpenAPI.
+
+OpenAPI before 3.2 has no word for a stream's items; as 3.2's ``itemSchema`` does (and schemathesis
+reads a ``text/event-stream`` schema), :func:`stream_content` documents ONE event: its ``event`` name
+and its ``data`` line, JSON (``contentMediaType``) of a component schema, or a literal like [DONE].
+"""
 
 from __future__ import annotations
 
@@ -40,3 +45,22 @@ def stream_problem(exc: BaseException, instance: str) -> dict[str, Any]:
     if kind.status >= 500:
         logger.error("Stream on %s failed", instance, exc_info=exc)
     return body
+
+
+def event(names: list[str], data: dict[str, Any]) -> dict[str, Any]:
+    """One kind of event: its ``event:`` name(s) ("message" when unnamed) and its ``data`` schema."""
+    return {"type": "object", "required": ["event", "data"], "properties": {"event": {"enum": names}, "data": data}}
+
+
+def json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    """A ``data`` line holding JSON that validates against ``schema``."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def component(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def stream_content(*events: dict[str, Any]) -> dict[str, Any]:
+    """The ``content`` entry of a streamed 200: each event is one of ``events``."""
+    return {"text/event-stream": {"schema": {"anyOf": list(events)}}}

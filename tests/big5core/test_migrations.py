@@ -75,3 +75,38 @@ def test_cli_db_upgrade(tmp_path: Path, url_kind: str, monkeypatch: pytest.Monke
     engine = make_engine(f"sqlite:///{tmp_path / 'big5.sqlite3'}")
     assert set(inspect(engine).get_table_names()) >= TABLES
     engine.dispose()
+
+
+def test_ensure_current_upgrades_a_fresh_sqlite_file_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert migrate.ensure_current(url) is True
+    assert migrate.ensure_current(url) is False
+    engine = make_engine(url)
+    assert migrate.current_revision(engine) == migrate.head_revision(url)
+    assert migrate.drift(engine) == []
+    engine.dispose()
+
+
+def test_ensure_current_concurrent_on_postgres(empty_pg_url: str) -> None:
+    """Several workers starting at once on an empty database: one upgrades, none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        upgraded = list(pool.map(lambda _: migrate.ensure_current(empty_pg_url), range(4)))
+    assert upgraded.count(True) == 1
+    engine = make_engine(empty_pg_url)
+    assert migrate.current_revision(engine) == migrate.head_revision(empty_pg_url)
+    engine.dispose()
+
+
+def test_trainer_commands_work_on_a_fresh_data_dir(tmp_path: Path) -> None:
+    """`big5 jobs` on a machine that never ran anything: the default SQLite file is created and migrated."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BIG5_DATA_DIR": str(tmp_path / "data")}
+    env.pop("BIG5_DATABASE_URL", None)
+    done = subprocess.run([sys.executable, "-m", "big5.cli", "jobs"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "data").is_dir()

@@ -1,0 +1,166 @@
+"""Property-based API tests: schemathesis cases from the service's own OpenAPI schema, on the real engine.
+
+Every operation of ``app.openapi()`` gets ``POSITIVE_EXAMPLES`` valid and ``NEGATIVE_EXAMPLES`` invalid
+requests (hypothesis, derandomized so every run sends the same cases), sent over real HTTP to the app
+served by uvicorn on the session's engine, with API keys on and the admin key sent (so the admin
+routes are exercised too). Each response must pass four checks:
+
+- ``not_a_server_error``: no 5xx, whatever the input;
+- ``status_code_conformance``: the status is one the operation documents;
+- ``content_type_conformance``: the media type is one documented for that status;
+- ``response_schema_conformance``: the body validates against the documented schema.
+
+The cases are sent as generated except for their cost: a requested length that would make the engine
+generate more than ``CHEAP_TOKENS`` tokens is lowered to it (values past the context window are kept:
+they must be refused without generating), an absent length is set to it (the defaults are 128 tokens
+for /v1/generate and the rest of the context for chat completions), and an assessment runs the
+inventory once. On two CPU cores a 1,000-token reply takes about a minute; with these limits the
+whole file takes a few minutes. Shrinking is off (each shrink step would call the engine again): a
+failure is reported as the first case found.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import schemathesis
+import uvicorn
+from fastapi import FastAPI
+from hypothesis import HealthCheck, Phase, given, settings
+from pydantic import SecretStr
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from big5core.engine import PersonaEngine
+from big5core.settings import Settings
+from big5core.stack import Stack
+from service.app import create_app
+from tests.service.conftest import with_service
+
+pytestmark = pytest.mark.slow
+
+POSITIVE_EXAMPLES = 12
+NEGATIVE_EXAMPLES = 6
+MODES = ((GenerationMode.POSITIVE, POSITIVE_EXAMPLES), (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES))
+CHEAP_TOKENS = 16
+CLIENT_KEY = "schemathesis-client-key"
+ADMIN_KEY = "schemathesis-admin-key"
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+LENGTH_FIELDS = {"/v1/generate": "max_tokens", "/v1/chat/completions": "max_completion_tokens"}
+
+
+@dataclass
+class Live:
+    app: FastAPI
+    url: str
+    max_model_len: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live(
+    service_settings: Settings, service_stack: Stack, engine: PersonaEngine, published: dict[str, str]
+) -> Iterator[Live]:
+    """The app with keys on, served by uvicorn on a free port (its lifespan runs there)."""
+    keyed = with_service(service_settings, api_keys=[SecretStr(CLIENT_KEY)], admin_keys=[SecretStr(ADMIN_KEY)])
+    app = create_app(keyed, stack=service_stack, engine=engine)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="schemathesis-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield Live(app, f"http://127.0.0.1:{port}", engine.max_model_len)
+    server.should_exit = True  # the lifespan's exit cancels the assessments the cases started
+    thread.join(timeout=120)
+
+
+def make_cheap(case: Case, context: int) -> None:
+    """Bound the engine work of a case (see the module docstring); nothing else is changed."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    path = case.operation.path
+    if path in LENGTH_FIELDS:
+        lengths = [body.get(name) for name in ("max_tokens", "max_completion_tokens") if name in body]
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if type(value) is int and CHEAP_TOKENS < value < context:
+                body[name] = CHEAP_TOKENS
+        if all(value is None for value in lengths):
+            body[LENGTH_FIELDS[path]] = CHEAP_TOKENS
+    elif path == "/v1/assess":
+        if type(body.get("runs")) is int and body["runs"] > 1:
+            body["runs"] = 1
+        if type(body.get("max_tokens")) is int and body["max_tokens"] > CHEAP_TOKENS:
+            body["max_tokens"] = CHEAP_TOKENS
+
+
+def exercise(operation: Any, mode: GenerationMode, examples: int, live: Live, ran: Counter[str]) -> str | None:
+    """Send ``examples`` cases of one operation and mode; the first failure's report, or None."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    @given(case=operation.as_strategy(mode, headers=headers))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: Case) -> None:
+        make_cheap(case, live.max_model_len)
+        response = case.call(base_url=live.url, headers=headers, timeout=300)
+        ran[mode.value] += 1
+        case.validate_response(response, checks=CHECKS, headers=headers)
+
+    try:
+        check()
+    except (Exception, BaseExceptionGroup) as exc:  # schemathesis reports failures as a BaseExceptionGroup
+        return str(exc)[:3000]
+    return None
+
+
+def test_every_operation_answers_as_its_schema_says(live: Live, request: pytest.FixtureRequest) -> None:
+    schema = schemathesis.openapi.from_dict(live.app.openapi())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    ran: Counter[str] = Counter()
+    failures: dict[str, str] = {}
+    began = time.monotonic()
+    for operation in operations:
+        for mode, examples in MODES:
+            before = sum(ran.values())
+            failure = exercise(operation, mode, examples, live, ran)
+            if failure is not None:
+                failures[f"{operation.label} ({mode.value})"] = failure
+            assert sum(ran.values()) > before, f"no {mode.value} case was sent for {operation.label}"
+
+    summary = (
+        f"schemathesis: {sum(ran.values())} cases on {len(operations)} operations ({ran['positive']} positive, "
+        f"{ran['negative']} negative) in {time.monotonic() - began:.0f} s"
+    )
+    reporter: Any = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(summary)
+    print(summary)
+    assert not failures, "\n\n".join(f"== {label}\n{text}" for label, text in failures.items())
