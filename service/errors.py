@@ -22,7 +22,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from big5core.compose import CompositionError
@@ -87,6 +87,9 @@ PROBLEMS: Mapping[type[BaseException], ProblemKind] = {
     InventoryError: ProblemKind(400, "invalid-inventory", "Invalid inventory"),
     PromptTooLong: ProblemKind(400, "prompt-too-long", "Prompt and max_tokens exceed the context length"),
     RegistryError: ProblemKind(400, "invalid-adapter-reference", "Invalid adapter reference"),
+    # A request value the database cannot take as a query parameter: a NUL character in a string, a
+    # number beyond its column's range. The detail is the driver's one-line reason, never the SQL.
+    DataError: ProblemKind(400, "invalid-value", "A value of the request cannot be used"),
     # 404: unknown things
     PersonaNotFound: ProblemKind(404, "persona-not-found", "No adapter can realise the persona"),
     AdapterNotFound: ProblemKind(404, "adapter-not-found", "Unknown adapter"),
@@ -175,6 +178,8 @@ def problem_body(
         body["errors"] = errors
     elif isinstance(exc, StarletteHTTPException):
         body["detail"] = str(exc.detail)
+    elif isinstance(exc, StatementError) and kind.expose_detail:  # str(exc) carries the SQL and its parameters
+        body["detail"] = (str(exc.orig).strip().splitlines() or [kind.title])[0]
     elif kind.expose_detail:
         body["detail"] = str(exc) or kind.title
     else:

@@ -14,9 +14,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -95,13 +96,13 @@ def cluster() -> Iterator[Cluster]:
         subprocess.run(["pg_dropcluster", "--stop", made.version, made.name], capture_output=True, timeout=120)
 
 
-def _state(client: TestClient, assessment_id: str) -> dict:
+def _state(client: TestClient, assessment_id: str) -> dict[str, Any]:
     response = client.get(f"/v1/assessments/{assessment_id}")
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

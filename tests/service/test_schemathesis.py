@@ -34,6 +34,7 @@ import schemathesis
 import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from pydantic import SecretStr
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -51,8 +52,8 @@ from tests.service.conftest import with_service
 
 pytestmark = pytest.mark.slow
 
-POSITIVE_EXAMPLES = 12
-NEGATIVE_EXAMPLES = 6
+POSITIVE_EXAMPLES = 25
+NEGATIVE_EXAMPLES = 10
 MODES = ((GenerationMode.POSITIVE, POSITIVE_EXAMPLES), (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES))
 CHEAP_TOKENS = 16
 CLIENT_KEY = "schemathesis-client-key"
@@ -136,6 +137,10 @@ def exercise(operation: Any, mode: GenerationMode, examples: int, live: Live, ra
 
     try:
         check()
+    except Unsatisfiable:
+        if mode is GenerationMode.POSITIVE:
+            raise
+        return None  # nothing to make invalid: no parameters, no body (GET /health), or only free strings
     except (Exception, BaseExceptionGroup) as exc:  # schemathesis reports failures as a BaseExceptionGroup
         return str(exc)[:3000]
     return None
@@ -153,7 +158,8 @@ def test_every_operation_answers_as_its_schema_says(live: Live, request: pytest.
             failure = exercise(operation, mode, examples, live, ran)
             if failure is not None:
                 failures[f"{operation.label} ({mode.value})"] = failure
-            assert sum(ran.values()) > before, f"no {mode.value} case was sent for {operation.label}"
+            if mode is GenerationMode.POSITIVE:
+                assert sum(ran.values()) > before, f"no case was sent for {operation.label}"
 
     summary = (
         f"schemathesis: {sum(ran.values())} cases on {len(operations)} operations ({ran['positive']} positive, "
