@@ -78,7 +78,8 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory()
     if args.random_shape:
         made = time.monotonic()
-        folder = random_model(args.random_shape, args.tokenizer or resolve_base_model(settings), Path(scratch.name) / "m")
+        tokenizer = args.tokenizer or resolve_base_model(settings)
+        folder = random_model(args.random_shape, tokenizer, Path(scratch.name) / "m")
         info = json.loads((folder / "random-shape.json").read_text())
         print(
             f"random {args.random_shape}: {info['parameters'] / 1e9:.2f} B parameters ({time.monotonic() - made:.0f} s)"

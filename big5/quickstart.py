@@ -32,7 +32,7 @@ COMMON_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 4,
     "max_length": 160,
     "warmup_steps": 2,
-    "save_steps": 20,
+    "save_steps": 50,
     "eval": False,
 }
 
