@@ -14,10 +14,12 @@ service lists.
 Each client is a closed loop: send, wait for the answer, send the next, until ``--duration`` is up;
 requests in flight then are waited for (the drain) and counted. Requests cycle through four persona
 kinds: direct, Prompt-Inst (one pole), a registry adapter (sft/dpo, one pole) and composed trait
-vectors (several per-trait adapters merged exactly by the service). A 503 with Retry-After is the
-service shedding load on purpose (admission control): counted apart, and the client waits
-Retry-After before its next request. Any other 5xx, or a transport error, is an error: the script
-then exits 1. Prints throughput, latency percentiles of the answered requests and counts by status.
+vectors (several per-trait adapters merged exactly by the service). A 503 ``server-busy`` with
+Retry-After is the service shedding load on purpose (admission control, ``max_queue``): counted
+apart. Any other 5xx, a 503 because the engine or the database is unavailable included, or a
+transport error is an error: the script then exits 1. Clients wait Retry-After when one is sent.
+Prints throughput, latency percentiles of the answered requests and counts by status and problem
+type; a started service's log is kept (its path is printed, its tail too after errors).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ INTENSITIES = (0.25, 0.5, 0.75, 1.0)
 @dataclass
 class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
-    statuses: Counter[int] = field(default_factory=Counter)
-    shed: int = 0  # 503 with Retry-After
-    errors: int = 0  # any other 5xx, and transport errors
+    statuses: Counter[str] = field(default_factory=Counter)  # "200", or status and problem type: "503 server-busy"
+    shed: int = 0  # 503 server-busy with Retry-After: admission control turning work away on purpose
+    errors: int = 0  # any other 5xx (a 503 because the engine or the database is down too), transport errors
     transport_errors: int = 0
     samples: list[str] = field(default_factory=list)  # the first few unexpected answers
     tokens: int = 0
@@ -148,7 +150,8 @@ async def one_client(http: httpx.AsyncClient, index: int, plan: Plan, tally: Tal
             tally.note(f"transport: {type(exc).__name__}: {exc}")
             continue
         done = loop.time()
-        tally.statuses[response.status_code] += 1
+        problem = "" if response.status_code == 200 else problem_type(response)
+        tally.statuses[f"{response.status_code} {problem}".strip()] += 1
         if response.status_code == 200:
             tokens = int(response.json()["usage"]["completion_tokens"])
             tally.latencies[kind].append(done - now)
@@ -156,14 +159,15 @@ async def one_client(http: httpx.AsyncClient, index: int, plan: Plan, tally: Tal
             if done <= plan.end:
                 tally.window_requests += 1
                 tally.window_tokens += tokens
-        elif response.status_code == 503 and "retry-after" in response.headers:
-            tally.shed += 1
-            pause = float(response.headers["retry-after"])
-            await asyncio.sleep(max(0.0, min(pause, plan.end - loop.time())))
         else:
-            if response.status_code >= 500:
-                tally.errors += 1
-            tally.note(f"{response.status_code} {kind} {persona}: {response.text[:200]}")
+            if response.status_code == 503 and problem == "server-busy" and "retry-after" in response.headers:
+                tally.shed += 1
+            else:
+                tally.errors += int(response.status_code >= 500)
+                tally.note(f"{response.status_code} {kind} {persona}: {response.text[:200]}")
+            if "retry-after" in response.headers:  # a polite client waits before its next request
+                pause = float(response.headers["retry-after"])
+                await asyncio.sleep(max(0.0, min(pause, plan.end - loop.time())))
 
 
 async def run_load(args: argparse.Namespace, url: str, headers: dict[str, str]) -> tuple[Tally, dict[str, int]]:
@@ -186,8 +190,8 @@ async def run_load(args: argparse.Namespace, url: str, headers: dict[str, str]) 
 
 
 @contextlib.contextmanager
-def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """``big5 serve`` on a free port with random per-trait adapters; yields (url, what it runs)."""
+def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str, Path]]:
+    """``big5 serve`` on a free port with random per-trait adapters; yields (url, what it runs, its log)."""
     from big5core import registry
     from big5core.db import transaction
     from big5core.settings import get_settings
@@ -219,7 +223,8 @@ def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         stack.close()
 
     port = free_port()
-    log = (work / "serve.log").open("w")
+    log_path = Path(tempfile.gettempdir()) / f"big5-load-serve-{port}.log"  # kept: read it after a failure
+    log = log_path.open("w")
     command = [sys.executable, "-m", "big5.cli", "serve", "--port", str(port), "--log-level", "warning"]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -234,7 +239,7 @@ def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         began = time.perf_counter()
         wait_ready(url, server, args.start_timeout)
         print(f"service ready after {time.perf_counter() - began:.1f} s at {url}", flush=True)
-        yield url, described
+        yield url, described, log_path
     finally:
         server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: the lifespan stops the engine
         try:
@@ -243,8 +248,6 @@ def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
             server.kill()
             server.wait()
         log.close()
-        if server.returncode not in (0, -signal.SIGINT):
-            print((work / "serve.log").read_text()[-4000:], file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -264,6 +267,14 @@ def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> Non
 
 
 # ---------------------------------------------------------------- report
+
+
+def problem_type(response: httpx.Response) -> str:
+    """The slug of a problem response's ``type`` ("server-busy"), "" when the body is not a problem."""
+    try:
+        return str(response.json().get("type", "")).rsplit("/", 1)[-1]
+    except ValueError:
+        return ""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -297,7 +308,7 @@ def report(args: argparse.Namespace, url: str, described: str, tally: Tally, kin
         ]
     statuses = ", ".join(f"{status} x {n}" for status, n in sorted(tally.statuses.items())) or "none"
     lines.append(
-        f"status: {statuses}; 503 with Retry-After (shed on purpose): {tally.shed}; "
+        f"status: {statuses}; shed on purpose (503 server-busy + Retry-After): {tally.shed}; "
         f"errors (other 5xx, transport): {tally.errors} ({tally.transport_errors} transport)"
     )
     lines += [f"  e.g. {sample}" for sample in tally.samples]
@@ -325,13 +336,19 @@ def main() -> None:
     args = parser.parse_args()
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    log: Path | None = None
     with contextlib.ExitStack() as stack:
         if args.url:
             url, described = args.url.rstrip("/"), "running service; its max_queue is not visible to clients"
         else:
-            url, described = stack.enter_context(started_service(args))
+            url, described, log = stack.enter_context(started_service(args))
         tally, kinds = asyncio.run(run_load(args, url, headers))
-    sys.exit(report(args, url, described, tally, kinds))
+    status = report(args, url, described, tally, kinds)
+    if log is not None:
+        print(f"service log: {log}")
+        if status:
+            print("".join(log.read_text().splitlines(keepends=True)[-60:]), file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

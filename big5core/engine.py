@@ -5,8 +5,9 @@ thread; every public coroutine submits its work there (``run_coroutine_threadsaf
 with ``wrap_future``, so FastAPI's loop, a CLI's ``asyncio.run`` and each test's loop can all call it.
 Streams bridge through a per-call queue on the caller's loop; cancelling a caller aborts the request.
 vLLM is imported only inside methods: importing this module is cheap and safe under ``spawn``.
-LoRA on CPU: "no adapter" is LoRA index -1, which the CPU ops read as the last slot, so a zero adapter
-is pinned there -- see :mod:`big5core.lora` for the upstream bug (vllm-project/vllm PRs #49656, #48421).
+LoRA on CPU: "no adapter" (LoRA index -1) is handled by the grouped ops of :mod:`big5core.vllm_plugin`,
+or else sent as an explicit zero adapter -- see :mod:`big5core.lora` for the upstream bug
+(vllm-project/vllm PRs #49656, #48421).
 """
 
 from __future__ import annotations
@@ -145,11 +146,12 @@ class _Prepared:
 class PersonaEngine:
     """vLLM ``AsyncLLM`` on a private event-loop thread; its coroutines work from any event loop.
 
-    ``zero_adapter_for_base``: pin an all-zero adapter in the last LoRA slot, which base requests
-    (LoRA index -1) read on vLLM's CPU path (the bug described in :mod:`big5core.lora`, upstream PRs
-    #49656 and #48421). ``None`` means on when LoRA is enabled and no CUDA device is present; on a GPU
-    it can be left off. It takes one extra LoRA slot, so ``engine.max_loras`` real adapters still fit
-    in a batch. Its folder is written once under ``work_dir``.
+    ``zero_adapter_for_base``: serve ``lora=None`` through an all-zero adapter instead of LoRA index
+    -1 (the vLLM-CPU bug described in :mod:`big5core.lora`, upstream PRs #49656 and #48421). ``None``
+    means on when LoRA is enabled, no CUDA device is present and the grouped-ops plugin
+    (:mod:`big5core.vllm_plugin`, which handles -1 itself) is not active. When on, the zero adapter
+    is pinned in one extra LoRA slot, so ``engine.max_loras`` real adapters still fit in a batch.
+    Its folder is written once under ``work_dir``.
     """
 
     def __init__(
@@ -264,17 +266,16 @@ class PersonaEngine:
         elif s.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = s.kv_cache_bytes
         self._thread = _LoopThread("big5-engine")
-        slots = int(lora_kwargs.get("max_loras", 0))
-        self._thread.submit(self._create_on_loop(AsyncEngineArgs(**kwargs), zero_path, slots)).result()
+        self._thread.submit(self._create_on_loop(AsyncEngineArgs(**kwargs), zero_path)).result()
 
-    async def _create_on_loop(self, args: Any, zero_path: Path | None, slots: int) -> None:
+    async def _create_on_loop(self, args: Any, zero_path: Path | None) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         llm = AsyncLLM.from_engine_args(args)  # blocks this (private) loop while loading: fine
         self._max_model_len = int(llm.model_config.max_model_len)
         try:
             if zero_path is not None:
-                self._zero = await self._adapters.add_zero(llm, zero_path, slots)
+                self._zero = await self._adapters.add_zero(llm, zero_path)
         except BaseException:
             llm.shutdown()
             raise
@@ -349,8 +350,8 @@ class PersonaEngine:
             raise
 
     def _lora_request(self, lora: LoraHandle | None) -> LoRARequest | None:
-        if lora is None:  # index -1: no LoRA work in a base-only batch; the pinned zero slot otherwise
-            return None
+        if lora is None:  # index -1, unless the zero adapter must stand in for it (no plugin)
+            return None if self._zero is None else self._zero.to_request()
         if not self.enable_lora:
             raise ValueError("this engine was started without LoRA support")
         return lora.to_request()

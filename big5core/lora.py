@@ -9,15 +9,19 @@ request decoded in the same batch as adapter requests -- or after an adapter has
 last slot -- silently runs with that adapter. The bug is open upstream (vllm-project/vllm PRs #49656
 and #48421, see ``/work/shared/CPU_NOTES.md``).
 
-The way out used here: an adapter whose ``lora_B`` matrices are all zero (its delta ``B @ A @ x`` is
-exactly zero) is pinned in the *last* LoRA slot, the one index ``-1`` reads. Base requests keep index
-``-1``, so a batch of only base requests skips the LoRA ops entirely (vLLM's fast path; sending the
-zero adapter explicitly instead made base prompts ~2x and option scoring up to ~20x slower), and a
-base request in a mixed batch reads zeros. vLLM gives each new adapter the first free slot, so
-:meth:`AdapterTable.add_zero` fills every slot with zero copies at start-up, pins the one in the last
-slot and removes the others. :func:`make_zero_adapter` writes it in PEFT format straight from the
-base model's config (no model weights are loaded). ``tests/big5core/test_engine.py`` checks that a
-base request in a mixed batch returns what it returns alone.
+Two ways out, chosen per engine by :func:`lora_engine_setup`:
+
+- the grouped LoRA ops of :mod:`big5core.vllm_plugin` (the default wherever the plugin is installed):
+  rows with index -1 get no delta, so base requests keep index -1 and a base-only batch skips the
+  LoRA ops entirely;
+- otherwise, an explicit zero adapter, whose ``lora_B`` matrices are all zero (delta exactly zero),
+  is sent with every base request, pinned in one extra slot. It is correct but slow (every base
+  prompt then runs the LoRA ops). :func:`make_zero_adapter` writes it in PEFT format straight from
+  the base model's config (no model weights are loaded).
+
+A pinned zero adapter sitting in a slot while base requests keep index -1 does not work: vLLM's
+scheduler admits ``max_loras`` distinct request adapters per batch, which with the pinned one need
+one slot more than exist, and the engine dies.
 """
 
 from __future__ import annotations
@@ -178,13 +182,16 @@ def lora_engine_setup(
 ) -> tuple[dict[str, Any], Path | None]:
     """``AsyncEngineArgs`` LoRA keywords and the zero adapter's folder (None when not used).
 
-    ``zero=None`` uses the zero adapter wherever LoRA is on and there is no GPU. The zero adapter is
-    pinned in a slot of its own (the last), so ``settings.max_loras`` real adapters still fit in one batch.
+    ``zero=None`` uses the zero adapter where LoRA is on, there is no GPU and the grouped-ops plugin
+    is not active. The zero adapter is pinned in a slot of its own, so ``settings.max_loras`` real
+    adapters still fit in one batch.
     """
     if not enable_lora:
         return {"enable_lora": False}, None
-    use_zero = zero if zero is not None else not on_gpu
-    if not on_gpu and not use_zero:
+    from big5core import vllm_plugin
+
+    use_zero = zero if zero is not None else not on_gpu and not vllm_plugin.enabled()
+    if not on_gpu and not use_zero and not vllm_plugin.enabled():
         logger.warning("LoRA on CPU without the zero adapter: base requests can get another adapter")
     extra = 1 if use_zero else 0
     kwargs = {
@@ -214,8 +221,8 @@ class AdapterTable:
 
     def check(self, name: str, path: Path) -> Path:
         """Validate a registration before it reaches the engine; returns the resolved folder."""
-        if name.startswith(ZERO_ADAPTER_NAME):
-            raise ValueError(f"adapter names starting with {ZERO_ADAPTER_NAME!r} are reserved")
+        if name == ZERO_ADAPTER_NAME:
+            raise ValueError(f"adapter name {name!r} is reserved")
         path = path.resolve()
         rank = adapter_rank(path)
         if rank > self.max_rank:
@@ -227,22 +234,11 @@ class AdapterTable:
             self._ids_by_name[name] = next(self._ids)
         return self._ids_by_name[name]
 
-    async def add_zero(self, llm: AsyncLLM, path: Path, slots: int) -> LoraHandle:
-        """Pin the zero adapter in the last of ``slots`` LoRA slots, where LoRA index -1 reads.
-
-        Call on a fresh engine (every slot free): vLLM puts each added adapter in the first free
-        slot, so ``slots`` copies fill slots 0..slots-1 in order; the last one is pinned (never
-        evicted) and the others are removed, freeing their slots for real adapters.
-        """
-        copies = [
-            LoraHandle(f"{ZERO_ADAPTER_NAME}{i}", path, self._id_for(f"{ZERO_ADAPTER_NAME}{i}")) for i in range(slots)
-        ]
-        for copy in copies:
-            await self._add(llm, copy)
-        zero = copies[-1]
+    async def add_zero(self, llm: AsyncLLM, path: Path) -> LoraHandle:
+        """Load the zero adapter and pin it, so it is never evicted from its slot."""
+        zero = LoraHandle(ZERO_ADAPTER_NAME, path, self._id_for(ZERO_ADAPTER_NAME))
+        await self._add(llm, zero)
         await llm.pin_lora(zero.int_id)
-        for copy in copies[:-1]:
-            await llm.remove_lora(copy.int_id)
         return zero
 
     async def register(self, llm: AsyncLLM, name: str, path: Path) -> LoraHandle:

@@ -48,6 +48,9 @@ class ChecksumMismatch(RegistryError):
     pass
 
 
+MAX_VERSION = 2**31 - 1  # versions are stored as 32-bit integers
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     name: str
@@ -56,7 +59,7 @@ class AdapterRef:
     @classmethod
     def parse(cls, text: str) -> AdapterRef:
         name, sep, version = text.partition("@")
-        if not name or (sep and not version.isdigit()):
+        if not name or (sep and not (version.isascii() and version.isdigit() and int(version) <= MAX_VERSION)):
             raise RegistryError(f"bad adapter reference {text!r}: expected name or name@version")
         return cls(name, int(version) if sep else None)
 

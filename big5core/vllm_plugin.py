@@ -8,8 +8,8 @@ several times slower than a base request, and log-prob questionnaire scoring (on
 about 20x slower. The ops here compute the same products grouped by adapter -- one matrix product
 per distinct adapter in the batch, usually one or two -- and give rows with index -1 ("no
 adapter") a zero delta, which is also the correct meaning of -1 (upstream, -1 reads the last slot:
-vllm-project/vllm PRs #49656 and #48421; :mod:`big5core.lora` keeps its pinned zero slot as a
-second guard).
+vllm-project/vllm PRs #49656 and #48421). Without the plugin :mod:`big5core.lora` falls back to
+sending an explicit zero adapter with every base request.
 
 vLLM loads general plugins in every process it starts (API, engine core, workers) through the
 ``vllm.general_plugins`` entry point declared in ``pyproject.toml``. :func:`register` patches only
@@ -99,9 +99,21 @@ PATCHED: dict[str, Any] = {
 }
 
 
+def enabled() -> bool:
+    """Whether vLLM's engine processes will load this plugin: installed, allowed, not switched off."""
+    from importlib.metadata import entry_points
+
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    allowed = os.environ.get("VLLM_PLUGINS")  # vLLM's allow-list of plugin names, when set
+    if allowed is not None and "big5_cpu_lora" not in [name.strip() for name in allowed.split(",")]:
+        return False
+    return any(e.value == f"{__name__}:register" for e in entry_points(group="vllm.general_plugins"))
+
+
 def register() -> None:
     """vLLM general-plugin entry point: install the grouped ops on the CPU platform (idempotent)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not enabled():
         return
     try:
         from vllm.platforms import current_platform

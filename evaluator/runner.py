@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -99,14 +100,36 @@ class AssessmentRunner:
             raise
         except Exception as exc:
             logger.exception("Assessment %s failed", assessment_id)
-            self._fail(assessment_id, f"{type(exc).__name__}: {exc}")
+            await self._fail_eventually(assessment_id, f"{type(exc).__name__}: {exc}")
+
+    def _mark_failed(self, assessment_id: str, error: str) -> None:
+        with transaction(self.sessions) as session:
+            store.fail(session, assessment_id, error)
 
     def _fail(self, assessment_id: str, error: str) -> None:
         try:
-            with transaction(self.sessions) as session:
-                store.fail(session, assessment_id, error)
+            self._mark_failed(assessment_id, error)
         except Exception:  # the database itself may be down; the stale heartbeat sweep covers it
             logger.exception("could not mark assessment %s failed", assessment_id)
+
+    async def _fail_eventually(self, assessment_id: str, error: str) -> None:
+        """Mark the assessment failed, retrying (1, 2, 4 .. 30 s) while the database is down.
+
+        Gives up after ``STALE_AFTER``, when the stale-heartbeat sweep at the next start takes over.
+        """
+        deadline = time.monotonic() + STALE_AFTER.total_seconds()
+        delay = 1.0
+        while True:
+            try:
+                await asyncio.to_thread(self._mark_failed, assessment_id, error)
+                return
+            except Exception:
+                if time.monotonic() + delay > deadline:
+                    logger.exception("could not mark assessment %s failed; the next sweep will", assessment_id)
+                    return
+                logger.warning("could not mark assessment %s failed yet; retrying in %.0f s", assessment_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
         return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}

