@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
-from collections.abc import Iterable, Sequence
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,28 @@ from big5core.lora import LLAMA_TARGET_MODULES
 from big5core.stack import Stack
 
 QUESTION = "Describe your ideal weekend in two sentences."
+
+
+@contextlib.contextmanager
+def serve_over_http(app: Any, *, start_timeout: float = 120.0) -> Iterator[str]:
+    """Run ``app`` (its lifespan included) with uvicorn on a free local port; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True  # the lifespan's exit cancels what the requests started
+        thread.join(timeout=120)
 
 
 def build_random_loras(model_path: Path, out_root: Path, seeds: Sequence[int]) -> dict[int, Path]:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
 from big5core.engine import PersonaEngine
@@ -17,17 +13,11 @@ from big5core.settings import Settings
 from big5core.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
-from tests.service.support import QUESTION
+from tests.service.support import QUESTION, serve_over_http
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +26,8 @@ def base_url(
 ) -> Iterator[str]:
     settings = with_service(service_settings, api_keys=[SecretStr(API_KEY)])
     app = create_app(settings, stack=service_stack, engine=engine)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=60)
+    with serve_over_http(app, start_timeout=60) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture()

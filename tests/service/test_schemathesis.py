@@ -25,8 +25,6 @@ no longer has, and the count of cases sent is printed at the end.
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,7 +34,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -54,6 +51,7 @@ from big5core.settings import Settings
 from big5core.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
+from tests.service.support import serve_over_http
 
 POSITIVE_EXAMPLES = 50
 NEGATIVE_EXAMPLES = 20
@@ -73,12 +71,6 @@ class Live:
     max_model_len: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live(
     service_settings: Settings, service_stack: Stack, engine: PersonaEngine, published: dict[str, str]
@@ -86,17 +78,8 @@ def live(
     """The app with keys on, served by uvicorn on a free port (its lifespan runs there)."""
     keyed = with_service(service_settings, api_keys=[SecretStr(CLIENT_KEY)], admin_keys=[SecretStr(ADMIN_KEY)])
     app = create_app(keyed, stack=service_stack, engine=engine)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="schemathesis-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield Live(app, f"http://127.0.0.1:{port}", engine.max_model_len)
-    server.should_exit = True  # the lifespan's exit cancels the assessments the cases started
-    thread.join(timeout=120)
+    with serve_over_http(app) as url:
+        yield Live(app, url, engine.max_model_len)
 
 
 def make_cheap(case: Case, context: int) -> None:
