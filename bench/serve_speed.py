@@ -3,7 +3,7 @@
     python bench/serve_speed.py [--n 32] [--max-tokens 64] [--personas 10]
 
 Throughput (completion tokens per second of wall time, N prompts sent at once, greedy) for
-  (a) the base model (method direct: the zero adapter on CPU),
+  (a) the base model (method direct: LoRA index -1, handled by the grouped-ops plugin on CPU),
   (b) one adapter for every request,
   (c) --personas different adapters mixed in one batch (one per-trait adapter per trait pole),
   (d) the same as (a) and (c) through the HTTP service (httpx -> uvicorn in this process),
