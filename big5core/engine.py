@@ -108,6 +108,15 @@ def cpu_env_defaults(*, kv_cache_bytes: int | None = None, tensor_parallel_size:
     return applied
 
 
+def _engine_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is vLLM's EngineDeadError (its engine core process is gone)."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # another vLLM layout: nothing to translate
+        return False
+    return isinstance(exc, EngineDeadError)
+
+
 class _LoopThread:
     """A daemon thread running one private asyncio event loop."""
 
@@ -348,6 +357,10 @@ class PersonaEngine:
             if future.cancelled() and current is not None and not current.cancelling():
                 raise EngineNotReady("engine shut down while the request was running") from None
             raise
+        except Exception as exc:
+            if _engine_died(exc):  # requests in flight when the engine core died: not ready, not a bug
+                raise EngineNotReady(f"engine died: {exc}") from exc
+            raise
 
     def _lora_request(self, lora: LoraHandle | None) -> LoRARequest | None:
         if lora is None:  # index -1, unless the zero adapter must stand in for it (no plugin)
@@ -454,6 +467,8 @@ class PersonaEngine:
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
+                    if _engine_died(item):
+                        raise EngineNotReady(f"engine died: {item}") from item
                     raise item
                 yield item
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,6 +81,38 @@ def random_lora(random_loras: list[Path]) -> Path:
 
 
 # ------------------------------------------------------------------ no engine needed
+
+
+class _DyingLLM:
+    """A fake standing in for vLLM's AsyncLLM whose engine core process dies during a request
+    (killing a real engine core mid-request would take the session's shared engine with it)."""
+
+    errored = False
+
+    async def generate(self, *args: object, **kwargs: object) -> AsyncIterator[object]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        raise EngineDeadError()
+        yield  # an async generator, like AsyncLLM.generate
+
+
+def test_requests_in_flight_when_the_engine_dies_get_not_ready(tmp_path: Path) -> None:
+    from big5core.engine import _LoopThread
+
+    dying = PersonaEngine(engine_model_path(), TEST_ENGINE, work_dir=tmp_path)
+    dying._llm, dying._thread = _DyingLLM(), _LoopThread("dying-engine")  # type: ignore[assignment]
+    try:
+        with pytest.raises(EngineNotReady, match="engine died"):
+            asyncio.run(dying.generate(chat("hi"), GREEDY))
+
+        async def consume() -> None:
+            async for _ in dying.stream(chat("hi"), GREEDY):
+                pass
+
+        with pytest.raises(EngineNotReady, match="engine died"):
+            asyncio.run(consume())
+    finally:
+        dying._thread.stop()
 
 
 def test_not_started_engine_refuses(tmp_path: Path) -> None:
