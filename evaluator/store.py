@@ -25,6 +25,10 @@ class AssessmentNotFound(LookupError):
     pass
 
 
+class AssessmentNotRunning(RuntimeError):
+    """An assessment was to be completed but is no longer running (e.g. a sweep marked it failed)."""
+
+
 class InventoryNotFound(LookupError):
     pass
 
@@ -183,6 +187,13 @@ def complete(session: Session, assessment_id: str, items: list[Response], scores
     """
     if len(items) != expected_items:
         raise InventoryError(f"assessment {assessment_id}: {len(items)} responses, expected {expected_items}")
+    claimed = session.execute(  # first, and only from running: a sweep's verdict (failed) is final
+        update(Assessment)
+        .where(Assessment.id == assessment_id, Assessment.state == AssessmentState.RUNNING)
+        .values(state=AssessmentState.DONE, summary=scores.summary, finished_at=utcnow())
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        raise AssessmentNotRunning(f"assessment {assessment_id} is no longer running; its answers were not stored")
     session.execute(delete(ItemResponse).where(ItemResponse.assessment_id == assessment_id))
     session.execute(delete(TraitScore).where(TraitScore.assessment_id == assessment_id))
     session.add_all(
@@ -216,16 +227,11 @@ def complete(session: Session, assessment_id: str, items: list[Response], scores
             )
             for key, values in table.items()
         )
-    session.execute(
-        update(Assessment)
-        .where(Assessment.id == assessment_id)
-        .values(state=AssessmentState.DONE, summary=scores.summary, finished_at=utcnow())
-    )
 
 
 def fail(session: Session, assessment_id: str, error: str) -> None:
     session.execute(
         update(Assessment)
-        .where(Assessment.id == assessment_id, Assessment.state != AssessmentState.DONE)
+        .where(Assessment.id == assessment_id, Assessment.state.in_([AssessmentState.QUEUED, AssessmentState.RUNNING]))
         .values(state=AssessmentState.FAILED, error=error[-4000:], finished_at=utcnow())
     )

@@ -173,6 +173,36 @@ def test_engine_failure_mid_assessment_leaves_failed_without_items(stack: Stack)
         assert not assessment.scores
 
 
+def test_a_swept_assessment_is_not_completed_later(stack: Stack) -> None:
+    """Another replica's sweep marks a slow assessment failed; when its runner finishes, failed stays."""
+    with stack.sessions() as session, session.begin():
+        name = _custom(session)
+
+    class SweptMidway(PlantedEngine):
+        async def generate(self, *args: Any, **kwargs: Any) -> Any:
+            if self.calls == 2:  # while it runs, a sweep elsewhere gives up on it
+                with stack.sessions() as session, session.begin():
+                    store.fail(session, swept[0], "stale heartbeat (planted sweep)")
+            return await super().generate(*args, **kwargs)
+
+    runner = AssessmentRunner(stack.sessions, stack.resolver, SweptMidway({}))
+    request = AssessRequest.model_validate(
+        {"persona": {"method": "direct"}, "inventory": name, "scoring": "generate", "runs": 2}
+    )
+    swept: list[str] = []
+    assessment_id, resolved, inventory = runner.prepare(request)
+    swept.append(assessment_id)
+    asyncio.run(runner.run(assessment_id, request, resolved, inventory))
+    with stack.sessions() as session:
+        assessment = session.get(Assessment, assessment_id)
+        assert assessment is not None and assessment.state == "failed"
+        assert assessment.error == "stale heartbeat (planted sweep)"  # the sweep's verdict, not overwritten
+        count = session.scalar(
+            select(func.count()).select_from(ItemResponse).where(ItemResponse.assessment_id == assessment_id)
+        )
+        assert count == 0 and not assessment.scores
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [
