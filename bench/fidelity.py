@@ -77,7 +77,7 @@ def load_conditions(
 ) -> tuple[list[Condition], dict[Trait, list[str]], dict[str, list[str]]]:
     """Every done log-prob assessment of ``inventory`` with ``runs`` runs, as recoded answers per run."""
     from evaluator import scoring, store
-    from evaluator.report import _single_pole
+    from evaluator.report import single_pole
 
     conditions: list[Condition] = []
     adapters: dict[str, set[str]] = {}
@@ -91,7 +91,7 @@ def load_conditions(
                 continue
             if (a.method, a.persona_key) in seen:
                 continue
-            pole = _single_pole(a) if a.method != "direct" else None
+            pole = single_pole(a) if a.method != "direct" else None
             if a.method != "direct" and (pole is None or abs(pole[1]) != 1.0):
                 continue
             seen.add((a.method, a.persona_key))

@@ -190,8 +190,9 @@ def lora_engine_setup(
         return {"enable_lora": False}, None
     from big5core import vllm_plugin
 
-    use_zero = zero if zero is not None else not on_gpu and not vllm_plugin.enabled()
-    if not on_gpu and not use_zero and not vllm_plugin.enabled():
+    plugin = vllm_plugin.enabled()
+    use_zero = zero if zero is not None else not on_gpu and not plugin
+    if not on_gpu and not use_zero and not plugin:
         logger.warning("LoRA on CPU without the zero adapter: base requests can get another adapter")
     extra = 1 if use_zero else 0
     kwargs = {

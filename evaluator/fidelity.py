@@ -165,22 +165,22 @@ def analyse(
     results: dict[str, MethodFidelity] = {}
     for method, cells in by_method.items():
         fid = MethodFidelity(method)
+        profiles = {cell: profile(runs, items_by_trait) for cell, runs in cells.items()}
         for trait in TRAITS:
             high, low = cells.get((trait, "high")), cells.get((trait, "low"))
             if high and low:
                 fid.gaps[trait] = gap_with_ci(high, low, items_by_trait[trait], n_boot=n_boot, seed=seed)
             if direct is not None:
                 shifts = [
-                    off_target_shift(profile(runs, items_by_trait), direct, trait)
+                    off_target_shift(profiles[(trait, level)], direct, trait)
                     for level in ("high", "low")
-                    if (runs := cells.get((trait, level)))
+                    if (trait, level) in profiles
                 ]
                 if shifts:
                     fid.off_target[trait] = float(np.mean(shifts))
         method_conditions = [Condition(method, t, lv, runs) for (t, lv), runs in cells.items()]
         fid.alpha = {t: method_alpha(method_conditions, ids) for t, ids in items_by_trait.items()}
-        profiles = [profile(runs, items_by_trait) for runs in cells.values()]
         if len(profiles) >= 2:
-            fid.correlation_distance, fid.correlation_note = correlation_distance(profiles, human)
+            fid.correlation_distance, fid.correlation_note = correlation_distance(list(profiles.values()), human)
         results[method] = fid
     return direct, results

@@ -73,7 +73,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _single_pole(assessment: Assessment) -> tuple[Trait, float] | None:
+def single_pole(assessment: Assessment) -> tuple[Trait, float] | None:
     traits = (assessment.resolved_persona or {}).get("traits") or {}
     nonzero = {k: v for k, v in traits.items() if v}
     if len(nonzero) != 1:
@@ -100,7 +100,7 @@ def paper_table(assessments: Sequence[Assessment], inventory: str) -> PaperTable
                 if value is not None:
                     direct[key].append(value)
             continue
-        pole = _single_pole(a)
+        pole = single_pole(a)
         if pole is None or abs(pole[1]) != 1.0:
             continue
         trait, value = pole
