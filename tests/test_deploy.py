@@ -88,3 +88,22 @@ def test_rendered_environment_turns_authentication_on(monkeypatch: pytest.Monkey
         assert [k.get_secret_value() for k in settings.service.api_keys] == [KEYS["BIG5_API_KEY"]], name
         assert [k.get_secret_value() for k in settings.service.admin_keys] == [KEYS["BIG5_ADMIN_KEY"]], name
         assert settings.resolved_database_url.startswith("postgresql+psycopg://"), name
+
+
+@pytest.mark.parametrize("gpus", [None, "4"])
+def test_multi_gpu_worker_launches_one_rank_per_reserved_gpu(gpus: str | None) -> None:
+    """The multi-gpu profile's worker: `accelerate launch` with as many ranks as GPUs it reserves."""
+    env = {**KEYS, **({"BIG5_WORKER_GPUS": gpus} if gpus else {})}
+    rendered = compose("--profile", "multi-gpu", "config", "--format", "json", env=env)
+    assert rendered.returncode == 0, rendered.stderr
+    services = json.loads(rendered.stdout)["services"]
+    assert set(services) == CPU_SERVICES | {"worker-gpus"}
+    worker = services["worker-gpus"]
+    command = worker["command"]
+    assert command[:3] == ["accelerate", "launch", "--multi_gpu"]
+    assert command[-3:] == ["-m", "big5.cli", "worker"]
+    ranks = int(command[command.index("--num_processes") + 1])
+    assert ranks == int(gpus or 2)
+    [device] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == ranks and device["driver"] == "nvidia"
+    assert int(worker["shm_size"]) >= 2**30  # NCCL needs more than Docker's 64 MB /dev/shm

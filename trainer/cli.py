@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from big5core.settings import Settings
+    from trainer.ranks import RankGroup
+
+T = TypeVar("T")
 
 
 def register(app: typer.Typer) -> None:
@@ -57,47 +63,68 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     settings = get_settings()
-    job_id = submit(settings, spec)
-    typer.echo(f"queued job {job_id}")
-    if not wait:
-        return
-    runner = Worker(settings)
-    while True:
-        with runner.sessions() as session:
-            from big5core.jobs import get_job
 
-            state = get_job(session, job_id).state
-        if state not in ("queued", "running"):
-            break
-        if _claim_specific(runner, job_id):
-            runner.process(job_id)
-        else:
-            time.sleep(runner.settings.trainer.poll_seconds)  # another worker holds it
-    job = job_snapshot(runner.sessions, job_id)
-    typer.echo(json.dumps({"job": job.id, "state": job.state, "result": job.result, "error": job.error}, indent=2))
-    if job.state != "succeeded":
+    def lead(group: RankGroup | None) -> str:
+        job_id = submit(settings, spec)
+        typer.echo(f"queued job {job_id}")
+        if wait:
+            runner = Worker(settings, group=group)
+            runner.run_job(job_id)
+            job = job_snapshot(runner.sessions, job_id)
+            summary = {"job": job.id, "state": job.state, "result": job.result, "error": job.error}
+            typer.echo(json.dumps(summary, indent=2))
+            return str(job.state)
+        return "queued"
+
+    state = _lead_or_follow(settings, lead)
+    if state not in (None, "queued", "succeeded"):
         raise typer.Exit(1)
 
 
-def _claim_specific(runner: Any, job_id: str) -> bool:
-    """Claim this job if it is claimable now (another worker may hold it)."""
-    from big5core import jobs
-    from big5core.db import transaction
+def _lead_or_follow(settings: Settings, lead: Callable[[RankGroup | None], T]) -> T | None:
+    """Run ``lead`` here, or, under `accelerate launch`, on rank 0 while the other ranks follow it.
 
-    with transaction(runner.sessions) as session:
-        return jobs.claim_next(session, runner.owner, runner.settings.trainer.lease_seconds, job_id) is not None
+    Returns None on the following ranks.
+    """
+    from trainer.ranks import Order, RanksOutOfStep, follow, join_launch
+
+    group = join_launch(settings.trainer.rank_timeout_seconds)
+    if group is None:
+        return lead(None)
+    if not group.is_main:
+        trained = follow(group)
+        group.close()
+        typer.echo(f"rank {group.rank}: helped train {trained} adapter(s)")
+        return None
+    try:
+        result = lead(group)
+    except RanksOutOfStep:
+        raise  # the other ranks are inside a collective: only ending the launch frees them
+    except Exception:
+        group.send(Order("stop"))
+        raise
+    group.send(Order("stop"))
+    group.close()
+    return result
 
 
 def worker(
     once: Annotated[bool, typer.Option(help="Process one job and exit.")] = False,
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
-    """Process training jobs from the database queue (run several, on several machines)."""
+    """Process training jobs from the database queue (run several, on several machines).
+
+    Under `accelerate launch --num_processes N` the N processes train each job together.
+    """
     from big5core.settings import get_settings
     from trainer.worker import Worker
 
-    count = Worker(get_settings()).run(once=once, exit_when_idle=exit_when_idle)
-    typer.echo(f"processed {count} job(s)")
+    settings = get_settings()
+    count = _lead_or_follow(
+        settings, lambda group: Worker(settings, group=group).run(once=once, exit_when_idle=exit_when_idle)
+    )
+    if count is not None:
+        typer.echo(f"processed {count} job(s)")
 
 
 def list_jobs(limit: int = 20) -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from big5core.training import TrainSpec
 from big5core.traits import Level, Trait
@@ -38,6 +38,7 @@ class TrainResult:
     steps: int
     seconds: float
     train_tokens: int
+    world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,26 +151,34 @@ def _fast_sft_trainer() -> Any:
     return FastSFTTrainer
 
 
+def latest_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
 def train_adapter(
     spec: TrainSpec,
     data: PreparedData,
     base_model_path: str,
-    output_dir: Path,
+    output_dir: Path | None,
     checkpoint_dir: Path,
     *,
+    resume: str | None | Literal["auto"] = "auto",
     progress: ProgressFn | None = None,
     use_cpu: bool | None = None,
     show_progress_bar: bool = True,
 ) -> TrainResult:
-    """Train one LoRA adapter and save it (adapter files and tokenizer) to ``output_dir``.
+    """Train one LoRA adapter and save its files to ``output_dir`` (None: do not save).
 
-    Checkpoints go to ``checkpoint_dir`` every ``spec.save_steps`` steps; an existing checkpoint
-    there is resumed from.
+    Checkpoints go to ``checkpoint_dir`` every ``spec.save_steps`` steps. ``resume="auto"`` resumes
+    from the newest checkpoint there; a path resumes from that one, None starts afresh. Under a
+    launcher with several processes (``trainer.ranks``) every rank calls this with the same
+    arguments, the main one's resume point, and only the main one an ``output_dir``.
     """
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     if use_cpu is None:
         use_cpu = not torch.cuda.is_available()
@@ -225,7 +234,8 @@ def train_adapter(
         callbacks=callbacks,
     )
 
-    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume == "auto":
+        resume = latest_checkpoint(checkpoint_dir)
     if resume:
         logger.info("Resuming from %s", resume)
         if progress is not None:
@@ -237,7 +247,8 @@ def train_adapter(
     if eval_ds is not None:
         metrics = trainer.evaluate()
         eval_loss = float(metrics.get("eval_loss", math.nan))
-    trainer.model.save_pretrained(str(output_dir))
+    if output_dir is not None:
+        trainer.model.save_pretrained(str(output_dir))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     train_loss = float(output.training_loss) if output.training_loss is not None else None
     return TrainResult(
@@ -246,5 +257,6 @@ def train_adapter(
         steps=int(trainer.state.global_step),
         seconds=seconds,
         train_tokens=tokens,
+        world_size=int(trainer.args.world_size),
         metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)},
     )

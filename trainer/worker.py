@@ -4,6 +4,9 @@ Several workers on several machines can share one database and one adapter store
 dies loses its lease; after ``lease_seconds`` another worker claims the job and resumes from the
 last checkpoint. Adapters already published by an earlier attempt are recorded in the job row and
 skipped.
+
+Under ``accelerate launch`` the worker is the main rank of a group (``trainer.ranks``): it alone uses
+the database and the adapter store, and tells the other ranks what to train.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
 from big5core.training import TrainSpec
 from trainer.dataset import DatasetError
+from trainer.ranks import Order, RankGroup, RanksOutOfStep
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +84,9 @@ class _Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, settings: Settings, owner: str | None = None) -> None:
+    def __init__(self, settings: Settings, owner: str | None = None, group: RankGroup | None = None) -> None:
         self.settings = settings
+        self.group = group  # the other ranks of an `accelerate launch`, led by this worker
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         migrate.ensure_current(settings.resolved_database_url)
         self.engine = engine_for(settings)
@@ -98,13 +103,31 @@ class Worker:
             if job_id is None:
                 if once or exit_when_idle:
                     break
-                time.sleep(self.settings.trainer.poll_seconds)
+                self._wait()
                 continue
             self.process(job_id)
             done += 1
             if once:
                 break
         return done
+
+    def run_job(self, job_id: str) -> None:
+        """Process this job (waiting while another worker holds it) until it has ended."""
+        while True:
+            with self.sessions() as session:
+                if jobs.get_job(session, job_id).state not in ("queued", "running"):
+                    return
+            with transaction(self.sessions) as session:
+                claimed = jobs.claim_next(session, self.owner, self.settings.trainer.lease_seconds, job_id)
+            if claimed is not None:
+                self.process(job_id)
+            else:
+                self._wait()  # another worker holds it
+
+    def _wait(self) -> None:
+        if self.group is not None:
+            self.group.send(Order("idle"))  # keeps the other ranks' wait short
+        time.sleep(self.settings.trainer.poll_seconds)
 
     # ------------------------------------------------------------------ one job
     def process(self, job_id: str) -> str:
@@ -122,6 +145,10 @@ class Worker:
             state = self._train_all(job_id, spec, result, beat)
         except (DatasetError, ValidationError, registry.RegistryError) as exc:
             state = self._fail(job_id, f"{type(exc).__name__}: {exc}", retryable=False)
+        except RanksOutOfStep as exc:
+            logger.exception("Job %s failed while the ranks trained together; ending the launch", job_id)
+            self._fail(job_id, f"{exc}: {exc.__cause__!r}\n{traceback.format_exc()}", retryable=True)
+            raise
         except LeaseLost:
             logger.warning("Job %s: lease lost to another worker; abandoning this attempt", job_id)
             state = "lost"
@@ -134,7 +161,7 @@ class Worker:
         return state
 
     def _train_all(self, job_id: str, spec: TrainSpec, result: dict[str, Any], beat: _Heartbeat) -> str:
-        from trainer.train import load_dataset_rows, prepare, train_adapter
+        from trainer.train import latest_checkpoint, load_dataset_rows, prepare, train_adapter
 
         rows, report = load_dataset_rows(spec)  # raises DatasetError before any training step
         logger.info("Job %s: dataset %s\n%s", job_id, spec.dataset, report)
@@ -153,15 +180,33 @@ class Worker:
             )
             checkpoints = self.settings.data_dir / "checkpoints" / job_id / name
             staged = self._staging(job_id)
-            outcome = train_adapter(
-                spec,
-                data,
-                base_path,
-                staged,
-                checkpoints,
-                progress=beat.update,
-                show_progress_bar=sys.stderr.isatty(),
-            )
+            resume = latest_checkpoint(checkpoints)
+            if self.group is not None:
+                self.group.send(
+                    Order(
+                        "train",
+                        spec=spec,
+                        data=data,
+                        base_model_path=base_path,
+                        checkpoint_dir=checkpoints,
+                        resume=resume,
+                    )
+                )
+            try:
+                outcome = train_adapter(
+                    spec,
+                    data,
+                    base_path,
+                    staged,
+                    checkpoints,
+                    resume=resume,
+                    progress=beat.update,
+                    show_progress_bar=sys.stderr.isatty(),
+                )
+            except Exception as exc:
+                if self.group is not None:
+                    raise RanksOutOfStep(f"training {name} on rank 0 of {self.group.world_size}") from exc
+                raise
             if beat.lost:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise LeaseLost(job_id)
@@ -184,6 +229,10 @@ class Worker:
                         "train_examples": len(data.train),
                         "train_tokens": outcome.train_tokens,
                         "seconds": round(outcome.seconds, 2),
+                        "world_size": outcome.world_size,
+                        "global_batch_size": spec.per_device_train_batch_size
+                        * spec.gradient_accumulation_steps
+                        * outcome.world_size,
                         "job_id": job_id,
                     },
                     dataset_hash=data.dataset_hash,

