@@ -7,9 +7,10 @@ One item per fresh conversation, the persona applied by the shared resolver (the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ from evaluator import scoring
 from evaluator.inventories import Inventory, InventoryItem, norms_for
 from evaluator.schemas import AssessRequest
 
-ProgressFn = Callable[[dict[str, Any]], None]
+ProgressFn = Callable[[dict[str, Any]], Awaitable[None] | None]  # awaited when it returns an awaitable
 
 _ANSWER = re.compile(r"^\s*[\"'(\[]?\s*(\d+)(?:\s*(?:[.)\]:,\-]|$)|\s+\D)", re.DOTALL)
 
@@ -129,7 +130,9 @@ async def administer(
         results = await asyncio.gather(*(one(run, pos, item, variant) for pos, item, variant in items))
         responses.extend(results)
         if progress is not None:
-            progress({"runs_done": run + 1, "runs": len(plan), "items_done": len(responses), "items": total})
+            reported = progress({"runs_done": run + 1, "runs": len(plan), "items_done": len(responses), "items": total})
+            if inspect.isawaitable(reported):
+                await reported
     return responses
 
 

@@ -70,7 +70,7 @@ def build_router(
     @router.post("/assess", status_code=status.HTTP_202_ACCEPTED, response_model=AssessAccepted)
     async def assess(body: AssessRequest, runner: RunnerDep, response: Response) -> AssessAccepted:
         """Start an assessment in the background; poll GET /v1/assessments/{id}."""
-        assessment_id = runner.submit(body)
+        assessment_id = await runner.submit(body)
         response.headers["Location"] = f"/v1/assessments/{assessment_id}"
         return AssessAccepted(
             id=assessment_id,

@@ -3,6 +3,10 @@
 A finished assessment is written in one transaction (every response, every score, state done).
 Any failure on the way (engine, database) leaves it ``failed`` with the reason; a process that dies
 leaves it ``running`` with a stale heartbeat, which :meth:`AssessmentRunner.sweep` marks failed.
+
+Database work runs in worker threads (``asyncio.to_thread``), never on the event loop: a database
+that hangs (a lock, a stalled network) holds up the assessments that need it, not the service's
+other requests.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,13 +35,22 @@ from evaluator.schemas import AssessRequest
 logger = logging.getLogger(__name__)
 
 STALE_AFTER = timedelta(minutes=10)
+HEARTBEAT_SECONDS = 30.0  # well inside STALE_AFTER, however long one run of an inventory takes
 
 
 class AssessmentRunner:
-    def __init__(self, sessions: sessionmaker[Session], resolver: PersonaResolver, engine: Engine) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        resolver: PersonaResolver,
+        engine: Engine,
+        *,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    ) -> None:
         self.sessions = sessions
         self.resolver = resolver
         self.engine = engine
+        self.heartbeat_seconds = heartbeat_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -61,9 +74,9 @@ class AssessmentRunner:
             assessment.progress = self._beat({"items_done": 0, "items": len(inventory.items) * request.runs})
             return assessment.id, resolved, inventory
 
-    def submit(self, request: AssessRequest) -> str:
-        """Prepare, then run in the background on the current event loop."""
-        assessment_id, resolved, inventory = self.prepare(request)
+    async def submit(self, request: AssessRequest) -> str:
+        """Prepare (in a thread), then run in the background on the current event loop."""
+        assessment_id, resolved, inventory = await asyncio.to_thread(self.prepare, request)
         task = asyncio.get_running_loop().create_task(self.run(assessment_id, request, resolved, inventory))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -78,22 +91,35 @@ class AssessmentRunner:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         try:
-            with transaction(self.sessions) as session:
-                store.mark_running(session, assessment_id)
+            await asyncio.to_thread(self._in_transaction, store.mark_running, assessment_id)
             lora = None
             if resolved.adapter_name is not None and resolved.adapter_path is not None:
                 lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)  # type: ignore[attr-defined]
 
-            def progress(info: dict[str, Any]) -> None:
-                with transaction(self.sessions) as session:
-                    store.set_progress(session, assessment_id, self._beat(info))
+            latest: dict[str, Any] = {"items_done": 0, "items": len(inventory.items) * request.runs}
+            writing = asyncio.Lock()  # a beat and a progress report never race (the newest wins)
+
+            async def write(info: dict[str, Any]) -> None:
+                async with writing:
+                    latest.update(info)
+                    beat = self._beat(dict(latest))
+                    await asyncio.to_thread(self._in_transaction, store.set_progress, assessment_id, beat)
+
+            async def progress(info: dict[str, Any]) -> None:
+                await write(info)
                 if on_progress is not None:
                     on_progress(info)
 
-            responses = await administer(self.engine, resolved, inventory, request, lora=lora, progress=progress)
+            stop = asyncio.Event()
+            beating = asyncio.create_task(self._keep_beating(assessment_id, stop, write))
+            try:
+                responses = await administer(self.engine, resolved, inventory, request, lora=lora, progress=progress)
+            finally:
+                stop.set()
+                await beating  # a beat in flight lands before the final write, never after it
             scores = score(inventory, responses, request.runs)
-            with transaction(self.sessions) as session:
-                store.complete(session, assessment_id, responses, scores, len(inventory.items) * request.runs)
+            expected = len(inventory.items) * request.runs
+            await asyncio.to_thread(self._in_transaction, store.complete, assessment_id, responses, scores, expected)
             logger.info("Assessment %s done (%d responses)", assessment_id, len(responses))
         except asyncio.CancelledError:
             self._fail(assessment_id, "cancelled: the service shut down")
@@ -102,9 +128,25 @@ class AssessmentRunner:
             logger.exception("Assessment %s failed", assessment_id)
             await self._fail_eventually(assessment_id, f"{type(exc).__name__}: {exc}")
 
-    def _mark_failed(self, assessment_id: str, error: str) -> None:
+    async def _keep_beating(
+        self, assessment_id: str, stop: asyncio.Event, write: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        """Refresh the heartbeat while a run is in progress, so no sweep takes it for a dead one."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.heartbeat_seconds)
+            except TimeoutError:
+                try:
+                    await write({})
+                except Exception:  # the database may be away for a moment; the next beat retries
+                    logger.warning("heartbeat of assessment %s failed", assessment_id, exc_info=True)
+
+    def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
         with transaction(self.sessions) as session:
-            store.fail(session, assessment_id, error)
+            operation(session, *args)
+
+    def _mark_failed(self, assessment_id: str, error: str) -> None:
+        self._in_transaction(store.fail, assessment_id, error)
 
     def _fail(self, assessment_id: str, error: str) -> None:
         try:

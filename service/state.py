@@ -83,10 +83,10 @@ class AdmittedRunner(AssessmentRunner):
         self.admission = admission
         self._slots: dict[str, Slot] = {}
 
-    def submit(self, request: Any) -> str:
+    async def submit(self, request: Any) -> str:
         slot = self.admission.acquire()
         try:
-            assessment_id = super().submit(request)
+            assessment_id = await super().submit(request)
         except BaseException:
             slot.release()
             raise

@@ -1,8 +1,9 @@
-"""Faults: the database goes away while an assessment runs, on a PostgreSQL cluster of the test's own.
+"""Faults: the database goes away, or hangs, while assessments start and run.
 
-The machine's main cluster is never touched: a throwaway cluster is created with postgresql-common
-(``pg_createcluster`` on a free port, trust authentication), stopped with ``-m immediate`` (a crash,
-as far as the service can tell) while the assessment runs, restarted, and dropped afterwards.
+The crash test never touches the machine's main cluster: a throwaway cluster is created with
+postgresql-common (``pg_createcluster`` on a free port, trust authentication), stopped with
+``-m immediate`` (a crash, as far as the service can tell) while the assessment runs, restarted,
+and dropped afterwards. The hang test uses a fresh database on the main cluster and real locks.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -28,7 +31,7 @@ from big5core.settings import Settings
 from big5core.stack import build_stack
 from service.app import create_app
 from service.errors import PROBLEM_BASE
-from tests.service.support import generate_body
+from tests.service.support import generate_body, serve_over_http
 
 pytestmark = pytest.mark.slow
 
@@ -170,4 +173,72 @@ def test_database_crash_fails_the_assessment_while_generation_goes_on(
                 assert all(item["value"] is not None for item in items)
             assert client.post("/v1/generate", json=generate_body(method="direct", max_tokens=4)).status_code == 200
     finally:
+        stack.close()
+
+
+def _lock_waiters(probe: Any, database: str) -> int:
+    """Backends of ``database`` waiting on a lock right now (pg_stat_activity)."""
+    with probe.connect() as conn:
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND wait_event_type = 'Lock'")
+        return int(conn.execute(query, {"db": database}).scalar_one())
+
+
+def _generate_while_blocked(url: str) -> None:
+    """Direct generation answers while an assessment waits on the database (30 s would be a stall)."""
+    began = time.monotonic()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        answer = http.post("/v1/generate", json=generate_body(method="direct", max_tokens=4))
+    assert answer.status_code == 200, answer.text
+    assert time.monotonic() - began < 30
+
+
+def test_database_that_hangs_does_not_stall_generation(
+    empty_pg_url: str, tmp_path: Path, data_dir: Path, engine: PersonaEngine
+) -> None:
+    """Real PostgreSQL locks make the assessment's queries hang; the event loop stays free for others."""
+    work = tmp_path / "data"
+    work.mkdir()
+    (work / "models").symlink_to(data_dir / "models", target_is_directory=True)
+    settings = Settings(data_dir=work, database_url=empty_pg_url)
+    stack = build_stack(settings)
+    database = empty_pg_url.rsplit("/", 1)[1]
+    probe = create_engine(empty_pg_url)
+    locker = create_engine(empty_pg_url).connect()
+    body = {"persona": {"method": "prompt", "traits": {"openness": "high"}}, "inventory": "bfi44", "runs": 3}
+    try:
+        with serve_over_http(create_app(settings, stack=stack, engine=engine)) as url, ThreadPoolExecutor(1) as pool:
+            # 1. The assessments table is locked: POST /assess waits inside the database.
+            held = locker.begin()
+            locker.execute(text("LOCK TABLE assessments IN ACCESS EXCLUSIVE MODE"))
+            pending = pool.submit(httpx.post, f"{url}/v1/assess", json=body, timeout=120)
+            _wait_for(
+                lambda: pending.done() or _lock_waiters(probe, database) >= 1, 30, "POST /v1/assess to wait on the lock"
+            )
+            assert not pending.done(), pending.result().text
+            _generate_while_blocked(url)
+            assert not pending.done()  # still waiting: the generation really ran while it hung
+            held.rollback()
+            started = pending.result(timeout=60)
+            assert started.status_code == 202, started.text
+            assessment_id = started.json()["id"]
+
+            # 2. The assessment's own row is locked while it runs: its progress and completion wait.
+            def state() -> str:
+                with probe.connect() as conn:
+                    query = text("SELECT state FROM assessments WHERE id = :id")
+                    return str(conn.execute(query, {"id": assessment_id}).scalar_one())
+
+            _wait_for(lambda: state() == "running", 60, "the assessment to run")
+            held = locker.begin()
+            locker.execute(text("SELECT 1 FROM assessments WHERE id = :id FOR UPDATE"), {"id": assessment_id})
+            _wait_for(lambda: _lock_waiters(probe, database) >= 1, 60, "the runner to wait on the row lock")
+            _generate_while_blocked(url)
+            held.rollback()
+            _wait_for(lambda: state() == "done", 120, "the assessment to finish")
+            with httpx.Client(base_url=url, timeout=30) as http:
+                items = http.get(f"/v1/assessments/{assessment_id}/items").json()
+            assert len(items) == 44 * 3
+    finally:
+        locker.close()
+        probe.dispose()
         stack.close()
