@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +53,6 @@ class Order:
     base_model_path: str = ""
     checkpoint_dir: Path | None = None
     resume: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RankGroup:
