@@ -96,13 +96,14 @@ class AssessmentRunner:
             if resolved.adapter_name is not None and resolved.adapter_path is not None:
                 lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)  # type: ignore[attr-defined]
 
-            latest: dict[str, Any] = {"items_done": 0, "items": len(inventory.items) * request.runs}
+            expected = len(inventory.items) * request.runs
+            latest: dict[str, Any] = {"items_done": 0, "items": expected}
             writing = asyncio.Lock()  # a beat and a progress report never race (the newest wins)
 
             async def write(info: dict[str, Any]) -> None:
                 async with writing:
                     latest.update(info)
-                    beat = self._beat(dict(latest))
+                    beat = self._beat(latest)  # a new dict: later updates do not reach it
                     await asyncio.to_thread(self._in_transaction, store.set_progress, assessment_id, beat)
 
             async def progress(info: dict[str, Any]) -> None:
@@ -118,7 +119,6 @@ class AssessmentRunner:
                 stop.set()
                 await beating  # a beat in flight lands before the final write, never after it
             scores = score(inventory, responses, request.runs)
-            expected = len(inventory.items) * request.runs
             await asyncio.to_thread(self._in_transaction, store.complete, assessment_id, responses, scores, expected)
             logger.info("Assessment %s done (%d responses)", assessment_id, len(responses))
         except asyncio.CancelledError:
