@@ -1,8 +1,9 @@
 """Fidelity benchmark: the quickstart experiment with more runs, and the statistics the paper lacks.
 
-Trains (or reuses) the quickstart adapters, assesses Direct, Prompt-Inst, SFT and DPO for the 10
-trait-level conditions with ``--runs`` runs each (instruction wordings cycle across runs; log-prob
-scoring), then reports per inventory, method and trait:
+Trains (or reuses) the quickstart adapters (``--full``: the longer plan), then measures
+
+questionnaires (``--runs`` runs per condition, instruction wordings cycle, log-prob scoring), per
+inventory, method and trait:
 
 - the induced-high and induced-low score of the target trait, their gap and a 95% paired bootstrap CI
   over the trait's items;
@@ -10,12 +11,21 @@ scoring), then reports per inventory, method and trait:
 - the off-target shift: mean |change| of the four other traits from Direct;
 - per method, the Frobenius distance of the 10 conditions' 5x5 trait correlation matrix to the human
   one (Davies et al. 2015 meta-analysis, observed r);
-- the target check: gap >= 1.0, CI excluding 0, and larger than Prompt-Inst's gap.
+- the target check: gap >= 1.0, CI excluding 0, and larger than Prompt-Inst's gap;
 
-Writes ``<data_dir>/reports/fidelity-<inventory>.json`` and prints Markdown for docs/RESULTS.md.
+and dialogue (held-out Speaker X turns, replies scored by the trait judge):
+
+- per method and trait, the high-low judge gap with a paired bootstrap 95% CI over the turns, beside
+  the judge's held-out accuracy and the real replies' own gap (the ceiling);
+- the dose-response of composed per-trait SFT adapters (and Prompt-Inst's wording) at -1 .. +1,
+  with the Spearman of the level means and of every reply;
+- 2x2 mixtures of two traits: each trait's own effect and its effect on the other's judge;
+- the issue's targets, each marked met or missed with the number.
+
+Writes ``<data_dir>/reports/fidelity-*.json`` and prints Markdown for docs/RESULTS.md.
 
     python bench/fidelity.py --runs 5                # uses BIG5_* settings like every command
-    python bench/fidelity.py --runs 5 --skip-training --inventory ipip_neo_120
+    python bench/fidelity.py --skip-training --skip-questionnaires --reply-tokens 64
 """
 
 from __future__ import annotations
@@ -37,26 +47,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--inventory", action="append", help="default: ipip_neo_120 and bfi44")
-    parser.add_argument("--method", action="append", help="default: direct prompt sft dpo")
+    parser.add_argument("--method", action="append", help="default: direct prompt demo sft dpo")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-questionnaires", action="store_true")
+    parser.add_argument("--full", action="store_true", help="the quickstart's --full training plan")
+    parser.add_argument("--items", type=int, default=None, help="held-out turns per persona (default all)")
+    parser.add_argument("--reply-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bootstrap", type=int, default=10_000)
     args = parser.parse_args()
 
-    from big5.quickstart import QUICK_TRAINING, assess_all, train_all
+    from big5.quickstart import FULL_TRAINING, QUICK_TRAINING, dialogue_tables, plan_assessments, run_assessments
+    from big5.quickstart import train_all as train_plan
     from big5core.settings import get_settings
     from big5core.stack import build_stack
+    from evaluator.judge import JudgeStore
 
     started = time.monotonic()
-    inventories = args.inventory or ["ipip_neo_120", "bfi44"]
-    methods = args.method or ["direct", "prompt", "sft", "dpo"]
+    inventories = [] if args.skip_questionnaires else (args.inventory or ["ipip_neo_120", "bfi44"])
+    methods = args.method or ["direct", "prompt", "demo", "sft", "dpo"]
     settings = get_settings()
     stack = build_stack(settings)
     print(f"# fidelity bench {dt.date.today()}: {' '.join(sys.argv)}", flush=True)
     print(f"base model {stack.base_model_id}; database {settings.resolved_database_url}", flush=True)
+    judge = JudgeStore(settings.data_dir / "judges", settings.evaluator.judge_dataset).get()
     if not args.skip_training:
-        train_all(stack, {k: v for k, v in QUICK_TRAINING.items() if v["method"] in methods})
-    assess_all(stack, inventories, methods, runs=args.runs, concurrency=args.concurrency)
+        plan = FULL_TRAINING if args.full else QUICK_TRAINING
+        train_plan(stack, {k: v for k, v in plan.items() if v["method"] in methods})
+    planned = plan_assessments(
+        stack, inventories, methods, runs=args.runs, items=args.items, reply_tokens=args.reply_tokens
+    )
+    run_assessments(stack, [p for p in planned.values() if p.assessment_id is None], args.concurrency)
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     for inventory in inventories:
@@ -68,8 +89,91 @@ def main() -> None:
         report = to_dict(inventory, args.runs, direct, results, adapters)
         (reports / f"fidelity-{inventory}.json").write_text(json.dumps(report, indent=2))
         print(markdown(inventory, args.runs, direct, results, adapters))
+    from big5.quickstart import _dialogue_scores
+
+    with stack.sessions() as session:
+        scores = _dialogue_scores(session, planned)
+    tables = dialogue_tables(scores, judge)
+    targets = dialogue_targets(tables["json"])
+    (reports / "fidelity-dialogue.json").write_text(
+        json.dumps({**tables["json"], "targets": targets, "judge": judge.card.to_json()}, indent=2)
+    )
+    print("\n### Dialogue (held-out Speaker X turns, trait judge)\n")
+    print("```\n" + tables["text"] + "\n```")
+    print("\n| target | met | measured |\n|---|---|---|")
+    for name, (met, detail) in targets.items():
+        print(f"| {name} | {'yes' if met else 'no'} | {detail} |")
     print(f"\nfidelity bench finished in {time.monotonic() - started:.0f} s")
     stack.close()
+
+
+def dialogue_targets(data: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """The behaviour issue's targets on the dialogue measurements: (met, what was measured)."""
+    gaps = data.get("gaps", {})
+    out: dict[str, tuple[bool, str]] = {}
+
+    def row(title: str) -> dict[str, Any]:
+        return gaps.get(title, {})
+
+    def gap(title: str, trait: str) -> float | None:
+        return (row(title).get(trait) or {}).get("gap")
+
+    def excl(title: str, trait: str) -> bool:
+        ci = (row(title).get(trait) or {}).get("ci95")
+        return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+    names = [t.value for t in TRAITS]
+    per = "SFT (per-trait)"
+    detail = ", ".join(f"{t[:1].upper()} {_f(gap(per, t), sign=True)}" for t in names)
+    ok = all(
+        (g := gap(per, t)) is not None
+        and g >= 0.40
+        and excl(per, t)
+        and all(g > (gap(b, t) if gap(b, t) is not None else -1) for b in ("Prompt-Inst", "Prompt-Demo"))
+        for t in names
+    )
+    out["SFT per-trait: gap >= 0.40, CI excl. 0, above Prompt-Inst and Prompt-Demo, every trait"] = (ok, detail)
+    uni = "SFT (unified)"
+    detail = ", ".join(f"{t[:1].upper()} {_f(gap(uni, t), sign=True)}" for t in names)
+    out["SFT unified: gap >= 0.30 on every trait"] = (
+        all((g := gap(uni, t)) is not None and g >= 0.30 for t in names),
+        detail,
+    )
+    for title in ("DPO (unified)", "DPO (per-trait)"):
+        if row(title):
+            hits = [t for t in names if (g := gap(title, t)) is not None and g >= 0.30 and excl(title, t)]
+            detail = ", ".join(
+                f"{t[:1].upper()} {_f(gap(title, t), sign=True)}" for t in names if gap(title, t) is not None
+            )
+            out[f"{title}: gap >= 0.30 with CI excl. 0 on >= 3 traits"] = (len(hits) >= 3, detail)
+    dose = data.get("dose", {}).get("dose-sft", {})
+    if dose:
+        ok = all(c["strictly_increasing"] and (c["item_spearman"] or 0) >= 0.7 for c in dose.values()) and len(
+            dose
+        ) == len(names)
+        detail = ", ".join(
+            f"{t[:1].upper()} {'incr' if c['strictly_increasing'] else 'not incr'} rho {_f(c['item_spearman'])}"
+            for t, c in dose.items()
+        )
+        out["dose-response: strictly increasing, item Spearman >= 0.7, every trait"] = (ok, detail)
+    mixes = data.get("mixtures", [])
+    if mixes:
+        good = [
+            m
+            for m in mixes
+            if all(v is not None and v >= 0.25 for v in m["own"].values())
+            and all(v is not None and abs(v) <= 0.10 for v in m["cross"].values())
+        ]
+        detail = "; ".join(
+            "/".join(m["traits"])
+            + ": own "
+            + ", ".join(_f(v, sign=True) for v in m["own"].values())
+            + " cross "
+            + ", ".join(_f(v, sign=True) for v in m["cross"].values())
+            for m in mixes
+        )
+        out["mixtures: own >= 0.25, cross <= 0.10, >= 2 pairs"] = (len(good) >= 2, detail)
+    return out
 
 
 def load_conditions(
@@ -147,8 +251,10 @@ def to_dict(
     }
 
 
-def _f(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _f(value: float | None, digits: int = 2, *, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def _gap_cells(g: Gap) -> str:

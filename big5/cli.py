@@ -10,13 +10,16 @@ from typing import Annotated
 
 import typer
 
+from big5core.datagen import TraitScorer
 from big5core.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="BIG5-CHAT personality stack.")
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
+data_app = typer.Typer(no_args_is_help=True, help="BIG5-CHAT data.")
 app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
+app.add_typer(data_app, name="data")
 
 
 def _settings() -> Settings:
@@ -52,6 +55,31 @@ def model_path() -> None:
     typer.echo(resolve_base_model(_settings()))
 
 
+@data_app.command("report")
+def data_report(
+    dataset: Annotated[str, typer.Option(help="BIG5-CHAT source (file, folder, hub name, bundled:big5chat-real)")] = (
+        "bundled:big5chat-real"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="the counts as JSON")] = False,
+) -> None:
+    """Load and filter a BIG5-CHAT source; print per arm how many rows each filter dropped and the held-out split."""
+    import json
+
+    from big5core.dataset import filter_artifacts, heldout_split, load_rows
+
+    kept, report = filter_artifacts(load_rows(dataset))
+    train, held = heldout_split(kept)
+    if as_json:
+        out = {**report.as_dict(), "heldout": {"scenarios": len({r.scenario for r in held}), "rows": len(held)}}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(report.format())
+    typer.echo(
+        f"held out (never trained on at the default split): {len({r.scenario for r in held})} scenarios, "
+        f"{len(held)} rows; training side {len({r.scenario for r in train})} scenarios, {len(train)} rows"
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply migrations up to REVISION (default head)."""
@@ -82,7 +110,8 @@ def db_current() -> None:
 
 def _register_edges() -> None:
     """Add the edge packages' command groups (each module imports its heavy deps lazily)."""
-    for module_name in ("trainer.cli", "service.cli", "evaluator.cli", "big5.quickstart"):
+    edges = ("trainer.cli", "trainer.jobs_cli", "service.cli", "evaluator.cli", "evaluator.reasoning.cli")
+    for module_name in (*edges, "big5.quickstart"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
@@ -90,6 +119,16 @@ def _register_edges() -> None:
                 continue
             raise
         module.register(app)
+    from trainer.datagen.cli import register as register_datagen  # issue 16: `big5 datagen`
+
+    register_datagen(app, judge_factory=_datagen_judge)
+
+
+def _datagen_judge() -> TraitScorer:
+    """The trait judge for `big5 datagen` (the evaluator's; the trainer cannot import it)."""
+    from evaluator.judge import JudgeStore
+
+    return JudgeStore(_settings().data_dir / "judges").get().score
 
 
 def main() -> None:

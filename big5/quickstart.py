@@ -1,32 +1,63 @@
-"""``big5 quickstart``: from nothing to the paper's personality table on the embedded defaults.
+"""``big5 quickstart``: from nothing to the paper's tables, questionnaire and dialogue, on the embedded defaults.
 
-Provision the bundled model, train SFT and DPO adapters on the bundled sample (unified and
-per-trait layouts), start the engine, assess Direct, Prompt-Inst, SFT and DPO for all 10
-trait-level conditions on IPIP-NEO-120 and BFI-44 (log-prob scoring), store everything, and print
-the high/low table with a picture of it. A rerun reuses what is already trained and assessed.
+Stages, each timed: provision the bundled model; build the trait judge (per trait, P(high | reply),
+trained on the bundled real BIG5-CHAT replies); train the adapters on the bundled real data (SFT
+per-trait, SFT unified, DPO); start the engine; assess Direct, Prompt-Inst, Prompt-Demo, SFT and
+DPO for the 10 trait-level conditions on the questionnaires (log-prob scoring) and in dialogue
+(held-out Speaker X turns, replies scored by the judge), plus a dose-response over requested trait
+values and 2x2 mixtures of two traits; print the tables with the judge's own accuracy and the
+real replies' gap beside as the ceiling. A rerun reuses whatever is already trained and assessed.
+
+The default plan fits in about 30 minutes on 2 CPU cores; ``--full`` trains longer and asks the
+whole held-out set (the settings of ``bench/fidelity.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
 
+from big5core.traits import TRAITS, Level, Trait
+
 logger = logging.getLogger(__name__)
 
-# Step counts chosen so the whole run fits in about 30 minutes on 2 CPU cores with the bundled
-# 135M model (measured: SFT ~2.2 s/step, DPO ~8 s/step at batch 4 x 160 tokens; see
-# docs/RESULTS.md). The unified adapters are the ones assessed and get most of the budget; the
-# per-trait ones show the layout works (and serve composed trait vectors). Users on a GPU raise
-# the steps by flags or YAML with `big5 train`.
+# Measured on 2 CPU cores with the bundled 135M model, batch 4 x <= 160 tokens (docs/RESULTS.md):
+# SFT ~2.5-4 s/step, DPO ~8-10 s/step. The per-trait adapters are the persona and the parts every
+# composed trait vector is built from; the unified adapter is the paper's main method.
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
-    "sft-unified": {"method": "sft", "layout": "unified", "max_steps": 200, "learning_rate": 1e-3},
-    "dpo-unified": {"method": "dpo", "layout": "unified", "max_steps": 40, "learning_rate": 2e-4},
-    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 5, "learning_rate": 5e-4},
-    "dpo-per-trait": {"method": "dpo", "layout": "per-trait", "max_steps": 2, "learning_rate": 2e-4},
+    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 40, "learning_rate": 1e-3},
+    "sft-unified": {
+        "method": "sft",
+        "layout": "unified",
+        "max_steps": 200,
+        "learning_rate": 1e-3,
+        "instruction_placement": "system",
+    },
+    "dpo-per-trait": {
+        "method": "dpo",
+        "layout": "per-trait",
+        "max_steps": 12,
+        "learning_rate": 5e-4,
+        "conditions": ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"],
+    },
+}
+FULL_TRAINING: dict[str, dict[str, Any]] = {
+    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 80, "learning_rate": 1e-3},
+    "sft-unified": {
+        "method": "sft",
+        "layout": "unified",
+        "max_steps": 500,
+        "learning_rate": 1e-3,
+        "instruction_placement": "system",
+    },
+    "dpo-per-trait": {"method": "dpo", "layout": "per-trait", "max_steps": 30, "learning_rate": 5e-4},
 }
 COMMON_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 4,
@@ -35,51 +66,107 @@ COMMON_TRAINING: dict[str, Any] = {
     "save_steps": 50,
     "eval": False,
 }
+DOSE_LEVELS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+MIXTURE_PAIRS: tuple[tuple[Trait, Trait], ...] = (
+    (Trait.EXTRAVERSION, Trait.AGREEABLENESS),
+    (Trait.OPENNESS, Trait.NEUROTICISM),
+)
 
 
 def register(app: typer.Typer) -> None:
     app.command("quickstart")(quickstart)
 
 
+@dataclass
+class Stages:
+    """Wall time of each stage, printed as it ends and again at the end."""
+
+    times: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        typer.echo(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.times[name] = time.monotonic() - t0
+            typer.echo(f"== {name}: {self.times[name]:.0f} s")
+
+    def format(self) -> str:
+        return "\n".join(f"  {name:<28}{seconds:>7.0f} s" for name, seconds in self.times.items())
+
+
 def quickstart(
-    inventory: Annotated[list[str] | None, typer.Option(help="inventories (default ipip_neo_120 and bfi44)")] = None,
-    methods: Annotated[list[str] | None, typer.Option(help="methods to assess (default direct prompt sft dpo)")] = None,
+    inventory: Annotated[list[str] | None, typer.Option(help="questionnaires (default ipip_neo_120 and bfi44)")] = None,
+    methods: Annotated[
+        list[str] | None, typer.Option(help="methods to assess (default direct prompt demo sft dpo)")
+    ] = None,
     skip_training: Annotated[bool, typer.Option(help="assess only what is already trained")] = False,
-    runs: Annotated[int, typer.Option(min=1, help="runs per assessment (instruction variants cycle)")] = 1,
+    full: Annotated[bool, typer.Option(help="train longer and ask every held-out turn (the bench's plan)")] = False,
+    dialogue_items: Annotated[
+        int | None, typer.Option(min=1, help="held-out Speaker X turns asked per persona (default 16; --full all)")
+    ] = None,
+    reply_tokens: Annotated[int, typer.Option(min=8, max=256, help="dialogue reply length in tokens")] = 48,
+    runs: Annotated[
+        int, typer.Option(min=1, help="questionnaire runs per assessment (instruction variants cycle)")
+    ] = 1,
     concurrency: Annotated[int, typer.Option(min=1, help="assessments sent to the engine at once")] = 4,
 ) -> None:
     """Train, serve and measure: the whole BIG5-CHAT experiment on this machine's defaults."""
     from big5core.settings import get_settings
 
+    _quiet_libraries()
+    stages = Stages()
     started = time.monotonic()
     settings = get_settings()
     inventories = inventory or ["ipip_neo_120", "bfi44"]
-    wanted = methods or ["direct", "prompt", "sft", "dpo"]
+    wanted = methods or ["direct", "prompt", "demo", "sft", "dpo"]
+    plan = FULL_TRAINING if full else QUICK_TRAINING
+    items = dialogue_items if dialogue_items is not None else (None if full else 16)
     typer.echo(f"data dir: {settings.data_dir.resolve()}  database: {settings.resolved_database_url}")
     from big5core.stack import build_stack
 
-    stack = build_stack(settings)
-    typer.echo(f"base model: {stack.base_model_path}  ({time.monotonic() - started:.0f} s)")
+    with stages.stage("provision base model"):
+        stack = build_stack(settings)
+        typer.echo(f"base model: {stack.base_model_path}")
+    with stages.stage("trait judge"):
+        from evaluator.judge import JudgeStore
+
+        judge = JudgeStore(settings.data_dir / "judges", settings.evaluator.judge_dataset).get()
+        typer.echo(judge.card.format())
     if not skip_training:
-        train_all(stack, {k: v for k, v in QUICK_TRAINING.items() if v["method"] in wanted})
-    typer.echo(f"training done ({time.monotonic() - started:.0f} s)")
-    tables = assess_all(stack, inventories, wanted, runs=runs, concurrency=concurrency)
-    reports = settings.data_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    from evaluator.report import table_figure
-
-    for name, table in tables.items():
-        typer.echo("")
-        typer.echo(table.format())
-        for fmt in ("svg", "png"):
-            path = reports / f"quickstart-{name}.{fmt}"
-            path.write_bytes(table_figure(table, fmt))
-        typer.echo(f"figure: {reports / f'quickstart-{name}.png'}")
-    typer.echo(f"\nquickstart finished in {time.monotonic() - started:.0f} s")
-    stack.close()
+        with stages.stage("training"):
+            train_all(stack, {k: v for k, v in plan.items() if v["method"] in wanted}, stages)
+    try:
+        with stages.stage("assessments"):
+            requests = plan_assessments(stack, inventories, wanted, runs=runs, items=items, reply_tokens=reply_tokens)
+            run_assessments(stack, [r for r in requests.values() if r.assessment_id is None], concurrency)
+        reports = settings.data_dir / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        print_reports(stack, requests, inventories, judge, reports)
+    finally:
+        stack.close()
+    typer.echo("\nstage times:\n" + stages.format())
+    typer.echo(f"quickstart finished in {time.monotonic() - started:.0f} s")
 
 
-def train_all(stack: Any, plan: dict[str, dict[str, Any]]) -> None:
+def _quiet_libraries() -> None:
+    """Progress bars and our own lines; the libraries' INFO chatter and dataset bars stay out of the way."""
+    for name in ("vllm", "transformers", "datasets", "httpx", "peft", "trl", "accelerate", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("trainer").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_all(stack: Any, plan: dict[str, dict[str, Any]], stages: Stages | None = None) -> None:
+    """Queue and run each planned job here, skipping adapters the registry already has."""
     from big5core import registry
     from big5core.training import TrainSpec
     from trainer.worker import Worker, submit
@@ -104,85 +191,388 @@ def train_all(stack: Any, plan: dict[str, dict[str, Any]]) -> None:
         t0 = time.monotonic()
         typer.echo(f"[train] {label}: {len(missing)} adapter(s), {spec.max_steps} steps each")
         job_id = submit(stack.settings, spec)
-        worker.run(max_jobs=1, exit_when_idle=True)
+        with _job_bar(stack, job_id, label):
+            worker.run(max_jobs=1, exit_when_idle=True)
         with stack.sessions() as session:
             from big5core.jobs import get_job
 
             job = get_job(session, job_id)
             if job.state != "succeeded":
                 raise typer.Exit(f"training job {job_id} {job.state}: {job.error}")  # type: ignore[arg-type]
-        typer.echo(f"[train] {label}: done in {time.monotonic() - t0:.0f} s")
+        seconds = time.monotonic() - t0
+        if stages is not None:
+            stages.times[f"  train {label}"] = seconds
+        typer.echo(f"[train] {label}: done in {seconds:.0f} s")
 
 
-def personas(methods: list[str]) -> list[dict[str, Any]]:
-    from big5core.traits import TRAITS
+@contextlib.contextmanager
+def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
+    """A progress bar fed from the job's recorded progress (adapter, step, loss) while the worker trains."""
+    import threading
 
-    out: list[dict[str, Any]] = []
+    from tqdm import tqdm
+
+    from big5core.jobs import get_job
+
+    stop = threading.Event()
+    bar = tqdm(total=1, desc=label, unit="step", leave=False)
+
+    def watch() -> None:
+        current = None
+        while not stop.wait(1.0):
+            try:
+                with stack.sessions() as session:
+                    progress = dict(get_job(session, job_id).progress or {})
+            except Exception:  # the database may be busy for a moment
+                continue
+            adapter = progress.get("adapter")
+            if adapter != current and adapter:
+                current = adapter
+                index, total = progress.get("adapter_index", 0), progress.get("adapters", 1)
+                bar.set_description(f"{label} {adapter} ({index + 1}/{total})")
+            if "total_steps" in progress:
+                bar.total = int(progress["total_steps"])
+                bar.n = int(progress.get("step", 0))
+                if "loss" in progress:
+                    bar.set_postfix(loss=f"{float(progress['loss']):.3f}")
+                bar.refresh()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- assessments
+
+
+@dataclass
+class Planned:
+    """One assessment of the plan: what it measures (for the tables) and its request."""
+
+    label: str
+    kind: str  # questionnaire | dialogue
+    request: Any
+    assessment_id: str | None = None
+
+
+def _adapter_exists(stack: Any, name: str) -> bool:
+    """A ready adapter ``name`` on this base model is in the registry."""
+    from big5core import registry
+    from big5core.errors import DomainError
+
+    with stack.sessions() as session:
+        try:
+            return registry.get(session, name).base_model == stack.base_model_id
+        except DomainError:
+            return False
+
+
+def method_personas(stack: Any, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """label -> persona: Direct, and each method x 10 conditions (SFT/DPO: every trained layout, by name)."""
+    out: dict[str, dict[str, Any]] = {}
     if "direct" in methods:
-        out.append({"method": "direct"})
-    for method in methods:
-        if method == "direct":
-            continue
-        for trait in TRAITS:
-            for level in ("high", "low"):
-                out.append({"method": method, "traits": {trait.value: level}})
+        out["direct"] = {"method": "direct"}
+    for trait in TRAITS:
+        for level in Level:
+            condition = {trait.value: level.value}
+            if "prompt" in methods:
+                out[f"prompt|{trait.value}|{level.value}"] = {"method": "prompt", "traits": condition}
+            if "demo" in methods:
+                out[f"demo|{trait.value}|{level.value}"] = {"method": "demo", "traits": condition}
+            for method in ("sft", "dpo"):
+                if method not in methods:
+                    continue
+                if _adapter_exists(stack, f"{method}-unified"):
+                    out[f"{method}-unified|{trait.value}|{level.value}"] = {
+                        "method": method,
+                        "adapter": f"{method}-unified",
+                        "traits": condition,
+                    }
+                name = f"{method}-{trait.value}-{level.value}"
+                if _adapter_exists(stack, name):
+                    out[f"{method}-per-trait|{trait.value}|{level.value}"] = {"method": method, "adapter": name}
     return out
 
 
-def assess_all(
-    stack: Any, inventories: list[str], methods: list[str], *, runs: int, concurrency: int
-) -> dict[str, Any]:
-    from tqdm import tqdm
+def dialogue_personas(stack: Any, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """label -> persona of the dialogue plan: :func:`method_personas`, the dose-response, the mixtures."""
+    out = method_personas(stack, methods)
+    if "sft" in methods:
+        for trait in TRAITS:
+            if not all(_adapter_exists(stack, f"sft-{trait.value}-{lv.value}") for lv in Level):
+                continue
+            for value in DOSE_LEVELS:
+                if value in (-1.0, 1.0):
+                    level = "high" if value > 0 else "low"
+                    persona: dict[str, Any] = {"method": "sft", "adapter": f"sft-{trait.value}-{level}"}
+                elif value == 0.0:
+                    persona = {"method": "direct"}
+                else:
+                    persona = {"method": "sft", "traits": {trait.value: value}}
+                out[f"dose-sft|{trait.value}|{value:+.1f}"] = persona
+        for a, b in MIXTURE_PAIRS:
+            names = [f"sft-{t.value}-{lv.value}" for t in (a, b) for lv in Level]
+            if not all(_adapter_exists(stack, n) for n in names):
+                continue
+            for sa in (1, -1):
+                for sb in (1, -1):
+                    out[f"mix-sft|{a.value}:{sa:+d}|{b.value}:{sb:+d}"] = {
+                        "method": "sft",
+                        "traits": {a.value: float(sa), b.value: float(sb)},
+                    }
+    if "prompt" in methods:
+        for trait in TRAITS:
+            for value in DOSE_LEVELS:
+                persona = {"method": "direct"} if value == 0.0 else {"method": "prompt", "traits": {trait.value: value}}
+                out[f"dose-prompt|{trait.value}|{value:+.1f}"] = persona
+    return out
 
-    from evaluator import report, store
-    from evaluator.runner import AssessmentRunner
+
+def plan_assessments(
+    stack: Any, inventories: list[str], methods: list[str], *, runs: int, items: int | None, reply_tokens: int
+) -> dict[str, Planned]:
+    """Every assessment of the quickstart's tables, each found done already (reused) or to run."""
+    from evaluator import store
+    from evaluator.dialogue import DIALOGUE_INVENTORY
     from evaluator.schemas import AssessRequest
 
-    todo: list[AssessRequest] = []
+    plan: dict[str, Planned] = {}
     for inventory in inventories:
-        for persona in personas(methods):
+        for label, persona in method_personas(stack, methods).items():
             request = AssessRequest.model_validate(
                 {"persona": persona, "inventory": inventory, "scoring": "logprob", "runs": runs}
             )
-            resolved = stack.resolver.resolve(request.persona)
-            with stack.sessions() as session:
-                done = [
-                    a
-                    for a in store.search(session, persona_key=resolved.key, inventory=inventory, state="done")
-                    if a.runs == runs and a.scoring_mode == "logprob"
-                ]
-            if not done:
-                todo.append(request)
-    typer.echo(
-        f"[assess] {len(todo)} assessment(s) to run, {len(inventories) * len(personas(methods)) - len(todo)} reused"
-    )
-    if todo:
-        engine = stack.make_engine()
-        t0 = time.monotonic()
-        engine.start()
-        typer.echo(f"[assess] engine ready in {time.monotonic() - t0:.0f} s")
+            plan[f"{inventory}:{label}"] = Planned(label, "questionnaire", request)
+    for label, persona in dialogue_personas(stack, methods).items():
+        body: dict[str, Any] = {"persona": persona, "inventory": DIALOGUE_INVENTORY, "max_tokens": reply_tokens}
+        if items is not None:
+            body["max_items"] = items
+        plan[f"dialogue:{label}"] = Planned(label, "dialogue", AssessRequest.model_validate(body))
+    from big5core.errors import DomainError
+
+    seen: dict[tuple[str, str], str] = {}
+    for key, planned in list(plan.items()):
+        request = planned.request
         try:
-            runner = AssessmentRunner(stack.sessions, stack.resolver, engine)
-            bar = tqdm(total=len(todo), unit="assessment", desc="assess")
+            resolved = stack.resolver.resolve(request.persona)
+        except DomainError as exc:  # e.g. a method whose adapters are not trained: left out, said so
+            typer.echo(f"[assess] {key}: left out ({exc})")
+            del plan[key]
+            continue
+        signature = (resolved.key, _signature(request))
+        if signature in seen:  # e.g. the dose-response's 0 is Direct
+            planned.assessment_id = seen[signature]
+            continue
+        with stack.sessions() as session:
+            for a in store.search(session, persona_key=resolved.key, inventory=request.inventory, state="done"):
+                if a.runs == request.runs and a.scoring_mode == request.scoring and _same_options(a.options, request):
+                    planned.assessment_id = a.id
+                    break
+        if planned.assessment_id is not None:
+            seen[signature] = planned.assessment_id
+        else:
+            seen[signature] = f"pending:{key}"
+    todo = sum(1 for p in plan.values() if p.assessment_id is None)
+    typer.echo(f"[assess] {len(plan)} assessment(s) in the plan: {todo} to run, {len(plan) - todo} reused")
+    return plan
 
-            async def one(request: AssessRequest, gate: asyncio.Semaphore) -> None:
-                async with gate:
-                    assessment_id, resolved, inventory = runner.prepare(request)
-                    await runner.run(assessment_id, request, resolved, inventory)
-                    bar.update(1)
 
-            async def go() -> None:
-                gate = asyncio.Semaphore(concurrency)
-                await asyncio.gather(*(one(r, gate) for r in todo))
+def _signature(request: Any) -> str:
+    return f"{request.inventory}|{request.scoring}|{request.runs}|{request.max_items}|{request.max_tokens}"
 
-            asyncio.run(go())
-            bar.close()
-        finally:
-            engine.shutdown()
-    tables = {}
+
+def _same_options(options: dict[str, Any], request: Any) -> bool:
+    if request.scoring != "judge":
+        return True
+    return options.get("max_items") == request.max_items and options.get("max_tokens") == request.max_tokens
+
+
+def run_assessments(stack: Any, planned: list[Planned], concurrency: int) -> None:
+    """Run the planned assessments on one engine (LoRA on), ``concurrency`` at a time; fills their ids."""
+    if not planned:
+        return
+    from tqdm import tqdm
+
+    from evaluator.runner import AssessmentRunner
+
+    engine = stack.make_engine()
+    t0 = time.monotonic()
+    engine.start()
+    typer.echo(f"[assess] engine ready in {time.monotonic() - t0:.0f} s")
+    by_request: dict[str, str] = {}
+    try:
+        runner = AssessmentRunner(stack.sessions, stack.resolver, engine)
+        bar = tqdm(total=len(planned), unit="assessment", desc="assess")
+
+        async def one(p: Planned, gate: asyncio.Semaphore) -> None:
+            async with gate:
+                signature = f"{stack.resolver.resolve(p.request.persona).key}|{_signature(p.request)}"
+                if signature in by_request:  # the same persona and options planned twice: run it once
+                    p.assessment_id = by_request[signature]
+                else:
+                    assessment_id, resolved, instrument = await asyncio.to_thread(runner.prepare, p.request)
+                    by_request[signature] = p.assessment_id = assessment_id
+                    await runner.run(assessment_id, p.request, resolved, instrument)
+                bar.update(1)
+
+        async def go() -> None:
+            gate = asyncio.Semaphore(concurrency)
+            await asyncio.gather(*(one(p, gate) for p in planned))
+
+        asyncio.run(go())
+        bar.close()
+    finally:
+        engine.shutdown()
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], judge: Any, reports: Any) -> None:
+    from evaluator import report, store
+
     with stack.sessions() as session:
         for inventory in inventories:
-            found = store.search(session, inventory=inventory, state="done", limit=100_000)
-            found = [a for a in found if a.method in methods and a.runs == runs]
-            tables[inventory] = report.paper_table(found, inventory)
-    return tables
+            ids = {p.assessment_id for k, p in plan.items() if k.startswith(f"{inventory}:") and p.assessment_id}
+            found = [a for a in store.search(session, inventory=inventory, state="done", limit=100_000) if a.id in ids]
+            table = report.paper_table(found, inventory)
+            typer.echo("")
+            typer.echo(table.format())
+            for fmt in ("svg", "png"):
+                (reports / f"quickstart-{inventory}.{fmt}").write_bytes(report.table_figure(table, fmt))
+            typer.echo(f"figure: {reports / f'quickstart-{inventory}.png'}")
+        scores = _dialogue_scores(session, plan)
+    if not scores:
+        return
+    from evaluator.dialogue_report import dose_figure
+
+    dialogue = dialogue_tables(scores, judge)
+    typer.echo("")
+    typer.echo(dialogue["text"])
+    if dialogue["curves"]:
+        path = reports / "quickstart-dose-response.png"
+        path.write_bytes(dose_figure(dialogue["curves"]))
+        typer.echo(f"figure: {path}")
+    import json
+
+    (reports / "quickstart-dialogue.json").write_text(json.dumps(dialogue["json"], indent=2))
+
+
+def _dialogue_scores(session: Any, plan: dict[str, Planned]) -> dict[str, dict[str, dict[str, float]]]:
+    from evaluator import store
+    from evaluator.dialogue_report import item_scores
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for p in plan.values():
+        if p.kind == "dialogue" and p.assessment_id:
+            assessment = store.get(session, p.assessment_id, with_scores=False)
+            if assessment.state == "done":
+                out[p.label] = item_scores(store.responses(session, p.assessment_id))
+    return out
+
+
+METHOD_ROWS: tuple[tuple[str, str], ...] = (
+    ("prompt", "Prompt-Inst"),
+    ("demo", "Prompt-Demo"),
+    ("sft-unified", "SFT (unified)"),
+    ("sft-per-trait", "SFT (per-trait)"),
+    ("dpo-unified", "DPO (unified)"),
+    ("dpo-per-trait", "DPO (per-trait)"),
+)
+
+
+def dialogue_tables(scores: dict[str, dict[str, dict[str, float]]], judge: Any) -> dict[str, Any]:
+    """The dialogue gap table, the dose-response tables and the mixtures, as text and JSON."""
+    from evaluator.dialogue_report import dose_response, mean_score, mixture, paired_gap
+
+    lines = [
+        "dialogue: trait judge P(high | reply) of the induced trait, induced high / low, gap [95% CI]",
+        f"{'method':<18}" + "".join(f"{t.value[:13]:>30}" for t in TRAITS),
+    ]
+    data: dict[str, Any] = {"gaps": {}, "dose": {}, "mixtures": []}
+    if "direct" in scores:
+        lines.append(f"{'Direct':<18}" + "".join(f"{_f(mean_score(scores['direct'], t.value)):>30}" for t in TRAITS))
+    for prefix, title in METHOD_ROWS:
+        cells = []
+        row: dict[str, Any] = {}
+        for trait in TRAITS:
+            high, low = scores.get(f"{prefix}|{trait.value}|high"), scores.get(f"{prefix}|{trait.value}|low")
+            if high is None or low is None:
+                cells.append("-")
+                continue
+            gap = paired_gap(high, low, trait.value)
+            row[trait.value] = gap.to_dict()
+            ci = f"[{gap.ci[0]:+.2f},{gap.ci[1]:+.2f}]" if gap.ci else ""
+            cells.append(f"{_f(gap.high)}/{_f(gap.low)} {_f(gap.gap, sign=True)}{ci}")
+        if row:
+            data["gaps"][title] = row
+            lines.append(f"{title:<18}" + "".join(f"{c:>30}" for c in cells))
+    card = judge.card.traits
+    lines.append(
+        f"{'real replies':<18}"
+        + "".join(
+            f"{'gap ' + _f(card[t.value].heldout_gap, sign=True) if t.value in card else '-':>30}" for t in TRAITS
+        )
+    )
+    lines.append(
+        f"{'judge accuracy':<18}"
+        + "".join(f"{_f(card[t.value].heldout_accuracy) if t.value in card else '-':>30}" for t in TRAITS)
+    )
+    lines.append(f"judge {judge.card.name} sha256 {judge.card.sha256[:12]}; held-out real replies of unseen scenarios")
+    curves = []
+    for family, title in (("dose-sft", "composed SFT per-trait adapters"), ("dose-prompt", "Prompt-Inst wording")):
+        rows = []
+        for trait in TRAITS:
+            by_level = {
+                value: scores[f"{family}|{trait.value}|{value:+.1f}"]
+                for value in DOSE_LEVELS
+                if f"{family}|{trait.value}|{value:+.1f}" in scores
+            }
+            if len(by_level) < 3:
+                continue
+            curve = dose_response(trait.value, by_level)
+            data["dose"].setdefault(family, {})[trait.value] = curve.to_dict()
+            if family == "dose-sft":
+                curves.append(curve)
+            rows.append(
+                f"{trait.value:<18}"
+                + "".join(f"{_f(m):>8}" for m in curve.means)
+                + f"{_f(curve.level_spearman, sign=True):>10}{_f(curve.item_spearman, sign=True):>10}"
+            )
+        if rows:
+            lines += ["", f"dose-response ({title}): judge score at requested value"]
+            lines.append(
+                f"{'trait':<18}" + "".join(f"{v:>+8.1f}" for v in DOSE_LEVELS) + f"{'rho lvl':>10}{'rho item':>10}"
+            )
+            lines += rows
+    for a, b in MIXTURE_PAIRS:
+        cells = {
+            (sa, sb): scores[f"mix-sft|{a.value}:{sa:+d}|{b.value}:{sb:+d}"]
+            for sa in (1, -1)
+            for sb in (1, -1)
+            if f"mix-sft|{a.value}:{sa:+d}|{b.value}:{sb:+d}" in scores
+        }
+        if len(cells) < 4:
+            continue
+        mix = mixture(a.value, b.value, cells)
+        data["mixtures"].append(mix.to_dict())
+        lines += [
+            "",
+            f"2x2 mixture {a.value} x {b.value} (composed SFT): own effect "
+            f"{a.value} {_f(mix.own[a.value], sign=True)}, "
+            f"{b.value} {_f(mix.own[b.value], sign=True)}; cross effect {a.value}->{b.value} "
+            f"{_f(mix.cross[f'{a.value}->{b.value}'], sign=True)}, {b.value}->{a.value} "
+            f"{_f(mix.cross[f'{b.value}->{a.value}'], sign=True)}",
+        ]
+    return {"text": "\n".join(lines), "json": data, "curves": curves}
+
+
+def _f(value: float | None, *, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"

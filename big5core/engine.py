@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from big5core.errors import Invalid, Unavailable
 from big5core.lora import AdapterTable, LoraHandle, lora_engine_setup
 from big5core.prompts import ChatMessage
 from big5core.settings import EngineSettings
@@ -66,17 +67,115 @@ class GenerationChunk:
 
 @dataclass
 class OptionScores:
-    probs: list[float]  # next-token probabilities of the options, normalised over the options
+    probs: list[float] | None  # next-token probabilities normalised over the options; None: no option has any
     raw: list[float]  # the unnormalised next-token probabilities
     mass: float  # sum(raw): how much of the next-token distribution falls on the options
 
+    @classmethod
+    def from_logprobs(cls, logprobs: Sequence[float]) -> OptionScores:
+        """Normalise in log space (a softmax over the options), so that a tiny mass still has a
+        distribution; only when every option has probability exactly zero is there none."""
+        raw = [math.exp(lp) for lp in logprobs]
+        finite = [lp for lp in logprobs if lp > -math.inf]
+        if not finite:
+            return cls(probs=None, raw=raw, mass=0.0)
+        top = max(finite)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        total = sum(weights)
+        return cls(probs=[w / total for w in weights], raw=raw, mass=sum(raw))
 
-class EngineNotReady(RuntimeError):
-    """The engine is not started, still starting, failed, or shut down."""
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Log-likelihood of one continuation after a prompt (lm-evaluation-harness ``loglikelihood``)."""
+
+    logprob: float  # sum of the continuation tokens' log-probabilities
+    n_tokens: int  # tokens in the continuation (as tokenised after the prompt)
+    n_chars: int  # characters in the continuation string (lm-eval's ``acc_norm`` divides by this)
+    greedy: bool  # every continuation token is the argmax at its position
 
 
-class PromptTooLong(ValueError):
+@dataclass(frozen=True)
+class OptionTokenCheck:
+    """How one tokenizer spells answer options as the first token of a reply (see :func:`check_option_tokens`)."""
+
+    options: tuple[str, ...]
+    bare: tuple[tuple[int, ...], ...]  # token ids of each option right after a newline
+    spaced: tuple[tuple[int, ...], ...]  # token ids of " " + option after a newline
+
+    @property
+    def single_tokens(self) -> bool:
+        """Each bare option is exactly one token and no two options share it."""
+        return all(len(t) == 1 for t in self.bare) and len({t[0] for t in self.bare}) == len(self.bare)
+
+    @property
+    def ids(self) -> list[int]:
+        """One token id per option; :class:`OptionTokensUnavailable` unless :attr:`single_tokens`."""
+        if not self.single_tokens:
+            raise OptionTokensUnavailable(self)
+        return [t[0] for t in self.bare]
+
+
+class OptionTokensUnavailable(Invalid):
+    """The answer options are not distinct single tokens for this tokenizer: next-token scoring cannot
+    read their probabilities (score the label texts as continuations instead)."""
+
+    code, title = "option-tokens-unavailable", "The answer options are not single tokens for this model"
+
+    def __init__(self, check: OptionTokenCheck) -> None:
+        super().__init__(
+            f"answer options {list(check.options)!r} are not distinct single tokens for this tokenizer "
+            f"(they tokenise as {[list(t) for t in check.bare]}; with a leading space as "
+            f"{[list(t) for t in check.spaced]}); use the label-text scoring mode instead"
+        )
+        self.check = check
+
+
+def _ids_after(tokenizer: Any, anchor: str, text: str) -> tuple[int, ...]:
+    """Token ids that ``text`` adds after ``anchor`` (how it tokenises in that context)."""
+    before = list(tokenizer.encode(anchor, add_special_tokens=False))
+    whole = list(tokenizer.encode(anchor + text, add_special_tokens=False))
+    if whole[: len(before)] != before:  # the boundary merged: no clean split in this context
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+    return tuple(whole[len(before) :])
+
+
+def check_option_tokens(tokenizer: Any, options: Sequence[str] = ("1", "2", "3", "4", "5")) -> OptionTokenCheck:
+    """Token ids of each option as the first token of a reply, with and without a leading space.
+
+    Options are tokenised in context (after a newline, as they follow a chat template's generation
+    prompt), so a SentencePiece tokenizer's implicit prefix space does not masquerade as part of the
+    option. A pure function of the tokenizer; the engine runs it once at start.
+    """
+    opts = tuple(options)
+    return OptionTokenCheck(
+        options=opts,
+        bare=tuple(_ids_after(tokenizer, "\n", o) for o in opts),
+        spaced=tuple(_ids_after(tokenizer, "\n", " " + o) for o in opts),
+    )
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's ``_encode_pair``: trailing spaces of the context move to the continuation,
+    the whole string is tokenised once and the continuation is what follows the context's tokens."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = list(tokenizer.encode(context + continuation, add_special_tokens=False))
+    context_ids = list(tokenizer.encode(context, add_special_tokens=False))
+    return context_ids, whole[len(context_ids) :]
+
+
+class EngineNotReady(Unavailable, RuntimeError):
+    """The engine is not started, still starting, restarting, failed, or shut down."""
+
+    code, title = "engine-not-ready", "The generation engine is not ready"
+
+
+class PromptTooLong(Invalid):
     """Prompt tokens plus ``max_tokens`` exceed the engine's context length."""
+
+    code, title = "prompt-too-long", "Prompt and max_tokens exceed the context length"
 
     def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
         super().__init__(
@@ -182,12 +281,14 @@ class PersonaEngine:
         self._start_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         self._tokenizer: Any = None
+        self._option_checks: dict[tuple[str, ...], OptionTokenCheck] = {}
         self._starting = False
         self._error: str | None = None
         self._max_model_len = engine.max_model_len
         self._zero: LoraHandle | None = None
         self._adapters = AdapterTable(engine.max_lora_rank)  # mutated on the engine loop only
         self.start_seconds: float | None = None
+        self.restarts = 0  # engine cores replaced by restart() after they died
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -200,9 +301,14 @@ class PersonaEngine:
         return self._starting
 
     @property
+    def dead(self) -> bool:
+        """The engine ran and its core died (vLLM's ``errored``: the process is gone): see :meth:`restart`."""
+        return self._llm is not None and self._llm.errored
+
+    @property
     def error(self) -> str | None:
         if self._llm is not None and self._llm.errored:
-            return f"engine died: {self._llm.dead_error!r}"
+            return f"engine died: {self._llm.dead_error!r}" + (f"; {self._error}" if self._error else "")
         return self._error
 
     @property
@@ -244,7 +350,42 @@ class PersonaEngine:
         """:meth:`start` without blocking the caller's event loop."""
         await asyncio.to_thread(self.start)
 
-    def _start_locked(self) -> None:
+    def restart(self) -> bool:
+        """Replace a :attr:`dead` engine with a new one (blocking, as long as a start); False if not dead.
+
+        vLLM's ``AsyncLLM`` cannot recover a lost engine core, so a new one is created on the same
+        private loop; the adapters the old one had come back under the same names and ids before it
+        takes requests. Meanwhile calls fail with :class:`EngineNotReady`. A failed restart raises and
+        leaves the engine dead, so it may be restarted again.
+        """
+        with self._start_lock:
+            dead = self._llm
+            if dead is None or not dead.errored:
+                return False
+            self._starting = True
+            self.restarts += 1
+            began = time.monotonic()
+            logger.warning("Engine core died; restarting the engine (restart %d)", self.restarts)
+            try:
+                self._start_locked(dead)
+            except BaseException as exc:
+                self._error = f"restart {self.restarts} failed: {type(exc).__name__}: {exc}"
+                logger.exception("Engine restart failed")
+                raise
+            finally:
+                self._starting = False
+            self._error = None
+            self.start_seconds = time.monotonic() - began
+            logger.info(
+                "Engine restarted in %.1f s with %d adapter(s)", self.start_seconds, len(self._adapters.handles)
+            )
+            return True
+
+    async def arestart(self) -> bool:
+        """:meth:`restart` without blocking the caller's event loop."""
+        return await asyncio.to_thread(self.restart)
+
+    def _start_locked(self, dead: AsyncLLM | None = None) -> None:
         import torch
 
         s = self.settings
@@ -255,6 +396,11 @@ class PersonaEngine:
             s, self.model_path, self.work_dir, enable_lora=self.enable_lora, zero=self._zero_flag, on_gpu=on_gpu
         )
         self.tokenizer  # noqa: B018 - load it now so render() works as soon as we are ready
+        digits = self.option_tokens()
+        if digits.single_tokens:
+            logger.info("Answer options %s are token ids %s", list(digits.options), digits.ids)
+        else:  # not fatal: the label-text scoring mode still works; the digit mode raises a clear error
+            logger.warning("%s", OptionTokensUnavailable(digits))
 
         from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -274,21 +420,40 @@ class PersonaEngine:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         elif s.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = s.kv_cache_bytes
-        self._thread = _LoopThread("big5-engine")
-        self._thread.submit(self._create_on_loop(AsyncEngineArgs(**kwargs), zero_path)).result()
+        if self._thread is None:
+            self._thread = _LoopThread("big5-engine")
+        self._thread.submit(self._create_on_loop(AsyncEngineArgs(**kwargs), zero_path, dead)).result()
 
-    async def _create_on_loop(self, args: Any, zero_path: Path | None) -> None:
+    async def _create_on_loop(self, args: Any, zero_path: Path | None, dead: AsyncLLM | None = None) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if dead is not None:  # a restart: release what is left of the dead one first
+            with contextlib.suppress(Exception):
+                dead.shutdown()
         llm = AsyncLLM.from_engine_args(args)  # blocks this (private) loop while loading: fine
         self._max_model_len = int(llm.model_config.max_model_len)
         try:
             if zero_path is not None:
                 self._zero = await self._adapters.add_zero(llm, zero_path)
+            await self._restore_adapters(llm)
         except BaseException:
             llm.shutdown()
             raise
         self._llm = llm
+
+    async def _restore_adapters(self, llm: AsyncLLM) -> None:
+        """After a restart: load the adapters the dead engine had (same ids), before any request."""
+        for name, handle in list(self._adapters.handles.items()):
+            try:
+                if await llm.add_lora(handle.to_request()):
+                    continue
+                reason = "the engine refused it"
+            except Exception as exc:  # e.g. its files are gone; a later register_lora tries again
+                if _engine_died(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            logger.warning("Adapter %s not restored after the restart: %s", name, reason)
+            del self._adapters.handles[name]
 
     def shutdown(self) -> None:
         """Stop the engine and its thread (idempotent). Calls in flight fail with EngineNotReady."""
@@ -325,12 +490,17 @@ class PersonaEngine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def option_tokens(self, options: Sequence[str] = ("1", "2", "3", "4", "5")) -> OptionTokenCheck:
+        """:func:`check_option_tokens` for this engine's tokenizer (cached per option tuple)."""
+        key = tuple(options)
+        check = self._option_checks.get(key)
+        if check is None:
+            check = self._option_checks[key] = check_option_tokens(self.tokenizer, key)
+        return check
+
     def option_token_ids(self, options: Sequence[str]) -> list[int]:
-        """One token id per option; ``ValueError`` unless each option is one token and all differ."""
-        tokens = [self.encode(option) for option in options]
-        if any(len(t) != 1 for t in tokens) or len({t[0] for t in tokens}) != len(tokens):
-            raise ValueError(f"options must be distinct single tokens; {list(options)!r} tokenise as {tokens}")
-        return [t[0] for t in tokens]
+        """One token id per option; :class:`OptionTokensUnavailable` unless each is one distinct token."""
+        return self.option_tokens(options).ids
 
     # ---------------------------------------------------------------- requests
 
@@ -339,7 +509,7 @@ class PersonaEngine:
             state = "starting" if self._starting else (f"failed: {self._error}" if self._error else "not started")
             raise EngineNotReady(f"engine is {state}")
         if self._llm.errored:
-            raise EngineNotReady(self.error or "engine died")
+            raise EngineNotReady("engine is restarting after its core died" if self._starting else self.error)
         return self._thread, self._llm
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -493,10 +663,68 @@ class PersonaEngine:
         if not logprobs:
             raise RuntimeError(f"request {prepared.request_id} returned no log-probabilities")
         step = logprobs[0]
-        raw = [math.exp(step[i].logprob) if i in step else 0.0 for i in ids]
-        mass = sum(raw)
-        probs = [p / mass for p in raw] if mass > 0 else [1.0 / len(raw)] * len(raw)
-        return OptionScores(probs=probs, raw=raw, mass=mass)
+        return OptionScores.from_logprobs([step[i].logprob if i in step else -math.inf for i in ids])
+
+    async def continuation_logprobs(
+        self,
+        prompt: str | list[int],
+        continuations: list[str],
+        lora: LoraHandle | None = None,
+    ) -> list[ContinuationScore]:
+        """Log-likelihood of each continuation after ``prompt`` (lm-eval's ``loglikelihood``).
+
+        ``prompt`` is text (tokenised with the continuation as lm-evaluation-harness does, see
+        :func:`encode_pair`; no special tokens are added, so render chat templates first) or token
+        ids (each continuation is then tokenised on its own and appended). An empty prompt is
+        preceded by the BOS (else EOS) token so that the first continuation token has a context.
+        One vLLM request per continuation, all in flight together, each with ``prompt_logprobs``
+        (vLLM reads no prefix cache for such requests, so each prompt is computed in full).
+        """
+        self._require()
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        pairs: list[tuple[list[int], list[int]]] = []
+        for continuation in continuations:
+            if isinstance(prompt, str):
+                context_ids, cont_ids = encode_pair(self.tokenizer, prompt, continuation)
+            else:
+                context_ids, cont_ids = list(prompt), self.encode(continuation)
+            if not context_ids:
+                prefix = self.tokenizer.bos_token_id
+                context_ids = [prefix if prefix is not None else self.tokenizer.eos_token_id]
+            if not cont_ids:
+                raise ValueError(f"continuation {continuation!r} has no tokens after the prompt")
+            if len(context_ids) + len(cont_ids) + 1 > self._max_model_len:
+                raise PromptTooLong(len(context_ids) + len(cont_ids), 1, self._max_model_len)
+            pairs.append((context_ids, cont_ids))
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        lora_request = self._lora_request(lora)
+
+        async def one(context_ids: list[int], cont_ids: list[int]) -> ContinuationScore:
+            prepared = _Prepared(context_ids + cont_ids, params, lora_request, uuid.uuid4().hex)
+            rows = (await self._final_on_loop(prepared)).prompt_logprobs
+            if rows is None:
+                raise RuntimeError(f"request {prepared.request_id} returned no prompt log-probabilities")
+            total, greedy = 0.0, True
+            for position, token in enumerate(cont_ids, start=len(context_ids)):
+                entry = rows[position]
+                if entry is None or token not in entry:
+                    raise RuntimeError(f"request {prepared.request_id}: no log-probability at position {position}")
+                total += entry[token].logprob
+                greedy = greedy and entry[token].rank == 1
+            return ContinuationScore(logprob=total, n_tokens=len(cont_ids), n_chars=0, greedy=greedy)
+
+        async def all_on_loop() -> list[ContinuationScore]:
+            return list(await asyncio.gather(*(one(c, t) for c, t in pairs)))
+
+        scores = await self._call(all_on_loop())
+        return [
+            ContinuationScore(s.logprob, s.n_tokens, len(continuation), s.greedy)
+            for s, continuation in zip(scores, continuations, strict=True)
+        ]
 
     # ---------------------------------------------------------------- adapters
 

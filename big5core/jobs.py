@@ -1,31 +1,97 @@
-"""The training-job queue in the database: create, claim (SKIP LOCKED), lease, finish, fail.
+"""The training-job queue in the database: create, claim (SKIP LOCKED), lease, finish, fail, cancel.
 
 Repository functions take a session and never commit; the worker owns the transactions.
 Claiming is a compare-and-set on (state, lease): on PostgreSQL the candidate row is also locked
 with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on each other; on SQLite the
 conditional UPDATE alone makes the claim atomic.
+
+Every lease time comes from the database's clock (:class:`db_now`), never from a worker's, so
+workers on machines whose clocks disagree still agree on when a lease has expired. A job whose
+lease expired on its last allowed attempt is not claimed again: :func:`reap_exhausted` ends it
+``failed`` with the reason (its checkpoints stay on disk for inspection).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import DateTime, Integer, and_, bindparam, func, or_, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
-from big5core.models import JobState, TrainingJob, utcnow
+from big5core.datagen import DatagenSpec
+from big5core.errors import Conflict, NotFound
+from big5core.models import JobState, TrainingJob
 from big5core.training import TrainSpec
 
-
-class JobNotFound(LookupError):
-    pass
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 
 
-def create_job(session: Session, spec: TrainSpec, *, max_attempts: int = 3) -> TrainingJob:
-    job = TrainingJob(spec=spec.model_dump(mode="json"), max_attempts=max_attempts, state=JobState.QUEUED)
+class JobNotFound(NotFound):
+    code, title = "training-job-not-found", "Unknown training job"
+
+
+class JobConflict(Conflict, RuntimeError):
+    """The job's state does not allow the operation (e.g. cancelling a job that already succeeded)."""
+
+    code, title = "training-job-conflict", "The training job's state does not allow this"
+
+
+class LeaseState(StrEnum):
+    HELD = "held"
+    LOST = "lost"  # another worker holds it, or it was reaped
+    CANCELLED = "cancelled"
+
+
+class db_now(FunctionElement[datetime]):  # noqa: N801 - reads like the SQL function it stands for
+    """The database server's current time (UTC), optionally plus ``seconds``.
+
+    PostgreSQL: ``statement_timestamp() + n * interval '1 second'``; SQLite: ``strftime`` in the
+    exact text format SQLAlchemy stores DateTime values in, so comparisons with stored values hold.
+    """
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "db_now"
+
+    def __init__(self, seconds: int | float = 0) -> None:
+        super().__init__(bindparam(None, seconds, type_=Integer if isinstance(seconds, int) else None))
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(CURRENT_TIMESTAMP + ({compiler.process(element.clauses, **kw)}) * INTERVAL '1 second')"
+
+
+@compiles(db_now, "postgresql")
+def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(statement_timestamp() + ({compiler.process(element.clauses, **kw)}) * INTERVAL '1 second')"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', ({seconds}) || ' seconds')"
+
+
+def database_time(session: Session, seconds: int | float = 0) -> datetime:
+    """The database's clock as a Python datetime (naive on SQLite: it stores UTC without a zone)."""
+    value = session.scalar(select(db_now(seconds)))
+    assert isinstance(value, datetime), value
+    return value
+
+
+def create_job(session: Session, spec: TrainSpec | DatagenSpec, *, max_attempts: int = 3) -> TrainingJob:
+    job = TrainingJob(
+        spec=spec.model_dump(mode="json"), max_attempts=max_attempts, state=JobState.QUEUED, created_at=db_now()
+    )
     session.add(job)
     session.flush()
+    session.refresh(job, ["created_at"])
     return job
 
 
@@ -36,17 +102,68 @@ def get_job(session: Session, job_id: str) -> TrainingJob:
     return job
 
 
-def _claimable(now: datetime) -> Any:
+def list_jobs(session: Session, *, state: str | None = None, limit: int = 20) -> list[TrainingJob]:
+    query = select(TrainingJob).order_by(TrainingJob.created_at.desc(), TrainingJob.id).limit(limit)
+    if state:
+        query = query.where(TrainingJob.state == state)
+    return list(session.scalars(query))
+
+
+def _expired() -> ColumnElement[bool]:
+    return and_(TrainingJob.state == JobState.RUNNING, TrainingJob.lease_expires_at < db_now())
+
+
+def _claimable() -> ColumnElement[bool]:
+    """Queued, or running with an expired lease (its worker died) and attempts left."""
     return or_(
         TrainingJob.state == JobState.QUEUED,
-        (TrainingJob.state == JobState.RUNNING) & (TrainingJob.lease_expires_at < now),
+        and_(_expired(), TrainingJob.attempts < TrainingJob.max_attempts),
     )
 
 
+def reap_exhausted(session: Session) -> list[str]:
+    """End ``failed`` every running job whose lease expired on its last allowed attempt.
+
+    Such a job's worker died (or hung) ``max_attempts`` times, e.g. OOM-killed on every attempt;
+    claiming it again would loop forever. Its checkpoints are left for inspection. Returns the ids.
+    """
+    exhausted = and_(_expired(), TrainingJob.attempts >= TrainingJob.max_attempts)
+    candidates = session.execute(
+        select(
+            TrainingJob.id,
+            TrainingJob.attempts,
+            TrainingJob.max_attempts,
+            TrainingJob.lease_owner,
+            TrainingJob.checkpoint_dir,
+        )
+        .where(exhausted)
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped: list[str] = []
+    for job_id, attempts, max_attempts, owner, checkpoint_dir in candidates:
+        error = (
+            f"the lease expired on attempt {attempts} of {max_attempts}: worker {owner} stopped renewing it "
+            "(killed or hung) on every attempt; not retried"
+            + (f". Checkpoints kept for inspection in {checkpoint_dir}" if checkpoint_dir else "")
+        )
+        result = session.execute(
+            update(TrainingJob)
+            .where(TrainingJob.id == job_id, exhausted)
+            .values(state=JobState.FAILED, error=error, lease_expires_at=None, finished_at=db_now())
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            reaped.append(job_id)
+    return reaped
+
+
 def claim_next(session: Session, owner: str, lease_seconds: int, job_id: str | None = None) -> TrainingJob | None:
-    """Take the oldest queued job (or ``job_id``), or a running one whose lease expired (its worker died)."""
-    now = utcnow()
-    query = select(TrainingJob).where(_claimable(now))
+    """Take the oldest queued job (or ``job_id``), or a running one whose lease expired (its worker died).
+
+    Jobs that used up their attempts are reaped first (:func:`reap_exhausted`), never claimed.
+    """
+    reap_exhausted(session)
+    query = select(TrainingJob).where(_claimable())
     if job_id is not None:
         query = query.where(TrainingJob.id == job_id)
     candidate = session.scalars(
@@ -56,14 +173,14 @@ def claim_next(session: Session, owner: str, lease_seconds: int, job_id: str | N
         return None
     claimed = session.execute(
         update(TrainingJob)
-        .where(TrainingJob.id == candidate.id, _claimable(now))
+        .where(TrainingJob.id == candidate.id, _claimable())
         .values(
             state=JobState.RUNNING,
             lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            heartbeat_at=now,
+            lease_expires_at=db_now(lease_seconds),
+            heartbeat_at=db_now(),
             attempts=TrainingJob.attempts + 1,
-            started_at=candidate.started_at or now,
+            started_at=func.coalesce(TrainingJob.started_at, db_now()),
             error=None,
         )
         .execution_options(synchronize_session=False)
@@ -75,7 +192,11 @@ def claim_next(session: Session, owner: str, lease_seconds: int, job_id: str | N
 
 
 def _update_owned(session: Session, job_id: str, owner: str, values: dict[str, Any]) -> bool:
-    """UPDATE the job only while ``owner`` still holds it running; False when the lease was lost."""
+    """UPDATE the job only while ``owner`` still holds it running; False when the lease was lost.
+
+    The UPDATE also locks the row until the caller's transaction ends (on SQLite: the database),
+    so a concurrent :func:`cancel` or claim waits for it.
+    """
     result = session.execute(
         update(TrainingJob)
         .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
@@ -88,12 +209,33 @@ def _update_owned(session: Session, job_id: str, owner: str, values: dict[str, A
 def heartbeat(
     session: Session, job_id: str, owner: str, lease_seconds: int, progress: dict[str, Any] | None = None
 ) -> bool:
-    """Renew the lease (and record progress); False when the lease was lost to another worker."""
-    now = utcnow()
-    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    """Renew the lease (and record progress); False when the lease was lost or the job cancelled."""
+    values: dict[str, Any] = {"heartbeat_at": db_now(), "lease_expires_at": db_now(lease_seconds)}
     if progress is not None:
         values["progress"] = progress
     return _update_owned(session, job_id, owner, values)
+
+
+def hold(session: Session, job_id: str, owner: str) -> bool:
+    """Lock the job for the rest of the transaction if ``owner`` still holds it (before publishing)."""
+    return _update_owned(session, job_id, owner, {"heartbeat_at": db_now()})
+
+
+def lease_state(session: Session, job_id: str, owner: str) -> LeaseState:
+    """Whether ``owner`` still holds the job, lost it, or the job was cancelled."""
+    row = session.execute(select(TrainingJob.state, TrainingJob.lease_owner).where(TrainingJob.id == job_id)).first()
+    if row is None:
+        return LeaseState.LOST
+    if row.state == JobState.CANCELLED:
+        return LeaseState.CANCELLED
+    if row.state == JobState.RUNNING and row.lease_owner == owner:
+        return LeaseState.HELD
+    return LeaseState.LOST
+
+
+def start_attempt(session: Session, job_id: str, owner: str, checkpoint_dir: str) -> bool:
+    """Record where this attempt writes its checkpoints."""
+    return _update_owned(session, job_id, owner, {"checkpoint_dir": checkpoint_dir})
 
 
 def record_result(
@@ -109,7 +251,7 @@ def record_result(
 def succeed(
     session: Session, job_id: str, owner: str, result: dict[str, Any], progress: dict[str, Any] | None = None
 ) -> bool:
-    values: dict[str, Any] = {"state": JobState.SUCCEEDED, "result": result, "finished_at": utcnow()}
+    values: dict[str, Any] = {"state": JobState.SUCCEEDED, "result": result, "finished_at": db_now()}
     if progress is not None:
         values["progress"] = progress
     return _update_owned(session, job_id, owner, {"lease_expires_at": None, **values})
@@ -126,13 +268,28 @@ def fail(session: Session, job_id: str, owner: str, error: str, *, retryable: bo
         job.state = JobState.QUEUED
     else:
         job.state = JobState.FAILED
-        job.finished_at = utcnow()
-    return job.state
+        job.finished_at = db_now()  # type: ignore[assignment]
+    state = job.state
+    session.flush()
+    return state
 
 
 def cancel(session: Session, job_id: str) -> TrainingJob:
+    """Cancel a queued or running job; a running one stops at its worker's next heartbeat and step.
+
+    Cancelling a cancelled job is a no-op; a job that already succeeded or failed raises JobConflict.
+    The UPDATE waits for a worker's publish transaction on the row, so an adapter is either fully
+    published before the cancel or not at all.
+    """
+    get_job(session, job_id)
+    session.execute(
+        update(TrainingJob)
+        .where(TrainingJob.id == job_id, TrainingJob.state.in_(ACTIVE))
+        .values(state=JobState.CANCELLED, lease_expires_at=None, finished_at=db_now(), error="cancelled")
+        .execution_options(synchronize_session=False)
+    )
     job = get_job(session, job_id)
-    if job.state in (JobState.QUEUED, JobState.RUNNING):
-        job.state = JobState.CANCELLED
-        job.finished_at = utcnow()
+    session.refresh(job)
+    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
+        raise JobConflict(f"training job {job_id} already {job.state}; it cannot be cancelled")
     return job

@@ -164,7 +164,7 @@ class Assessment(Base):
     persona_key: Mapped[str] = mapped_column(String(256), index=True, doc="canonical persona string")
     method: Mapped[str] = mapped_column(String(16))
     inventory_id: Mapped[int] = mapped_column(ForeignKey("inventories.id"), index=True)
-    scoring_mode: Mapped[str] = mapped_column(String(16), doc="logprob | generate")
+    scoring_mode: Mapped[str] = mapped_column(String(16), doc="logprob | label | label-norm | generate")
     runs: Mapped[int] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict, doc="shuffle, seed, variants, sampling")
     state: Mapped[str] = mapped_column(String(16), default=AssessmentState.QUEUED)
@@ -195,12 +195,20 @@ class ItemResponse(Base):
     item_id: Mapped[str] = mapped_column(String(64))
     variant: Mapped[int] = mapped_column(Integer, default=0)
     raw_text: Mapped[str | None] = mapped_column(Text)
+    option_variant: Mapped[int] = mapped_column(Integer, default=0, server_default="0", doc="answer-format wording")
     option_probs: Mapped[list[Any] | None] = mapped_column(doc="renormalised probabilities of options 1..k")
+    option_logprobs: Mapped[list[Any] | None] = mapped_column(
+        doc="per option: next-token log-prob (digits) or the label text's summed log-prob (None: -inf)"
+    )
+    option_probs_norm: Mapped[list[Any] | None] = mapped_column(
+        doc="label-text modes: softmax of the per-character log-probs (lm-eval's acc_norm)"
+    )
     option_mass: Mapped[float | None] = mapped_column(Float, doc="next-token probability on the options")
     expected: Mapped[float | None] = mapped_column(Float)
     argmax: Mapped[int | None] = mapped_column(Integer)
     value: Mapped[float | None] = mapped_column(Float, doc="the answer used for scoring (before reverse keying)")
     parse_error: Mapped[str | None] = mapped_column(Text)
+    judge_scores: Mapped[dict[str, Any] | None] = mapped_column(doc="dialogue: P(high | reply) per trait")
 
     assessment: Mapped[Assessment] = relationship(back_populates="responses")
 
@@ -216,7 +224,94 @@ class TraitScore(Base):
     mean: Mapped[float | None] = mapped_column(Float)
     sd: Mapped[float | None] = mapped_column(Float)
     n_runs: Mapped[int] = mapped_column(Integer)
-    alpha: Mapped[float | None] = mapped_column(Float)
+    coverage: Mapped[float | None] = mapped_column(Float, doc="answered (item, run) pairs / all of them")
+    n_answered: Mapped[int | None] = mapped_column(Integer)
+    n_asked: Mapped[int | None] = mapped_column(Integer)
     z: Mapped[float | None] = mapped_column(Float)
 
     assessment: Mapped[Assessment] = relationship(back_populates="scores")
+
+
+# ---------------------------------------------------------------- reasoning (issue 14)
+# A reasoning run evaluates personas on lm-evaluation-harness tasks. Each (persona, task) unit is
+# stored whole, with every item, in ONE transaction (a ReasoningResult and its ReasoningItems); a run
+# is done only when every unit is stored. Written by evaluator/reasoning/store.py.
+
+
+class ReasoningState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ReasoningRun(Base):
+    """Personas x tasks on lm-evaluation-harness, with a per-task item limit."""
+
+    __tablename__ = "reasoning_runs"
+    __table_args__ = (Index("ix_reasoning_runs_state", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    state: Mapped[str] = mapped_column(String(16), default=ReasoningState.QUEUED)
+    personas: Mapped[list[Any]] = mapped_column(doc="canonical persona keys, in request order")
+    tasks: Mapped[list[Any]] = mapped_column(doc="task names, in request order")
+    item_limit: Mapped[int | None] = mapped_column(Integer, doc="items per task (None: the whole split)")
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict, doc="chat template, source, generation limits")
+    lm_eval_version: Mapped[str] = mapped_column(String(32))
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    results: Mapped[list[ReasoningResult]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", order_by="ReasoningResult.id"
+    )
+
+
+class ReasoningResult(Base):
+    """One persona on one task: lm-eval's metrics, the resolved persona and the exact task config."""
+
+    __tablename__ = "reasoning_results"
+    __table_args__ = (UniqueConstraint("run_id", "task", "persona_key", name="uq_reasoning_results_unit"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("reasoning_runs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(64), doc="task name (piqa, arc_easy, ...)")
+    lm_task: Mapped[str] = mapped_column(String(128), doc="the lm-eval task that ran (big5_piqa or the stock name)")
+    persona_key: Mapped[str] = mapped_column(String(256), index=True)
+    method: Mapped[str] = mapped_column(String(16))
+    resolved_persona: Mapped[dict[str, Any]] = mapped_column(doc="what generation applied (PersonaResolver)")
+    lm_eval_version: Mapped[str] = mapped_column(String(32))
+    task_config_hash: Mapped[str] = mapped_column(String(64), doc="sha256 of the task config (data by content)")
+    task_config: Mapped[dict[str, Any]] = mapped_column(doc="the task config lm-eval ran, as it dumps it")
+    metrics: Mapped[dict[str, Any]] = mapped_column(doc="lm-eval's aggregate metrics for this unit")
+    n_items: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    run: Mapped[ReasoningRun] = relationship(back_populates="results")
+    items: Mapped[list[ReasoningItem]] = relationship(
+        back_populates="result", cascade="all, delete-orphan", order_by="ReasoningItem.doc_index"
+    )
+
+
+class ReasoningItem(Base):
+    """One item of one unit: per-choice log-likelihoods or the generated text, and whether it was right."""
+
+    __tablename__ = "reasoning_items"
+    __table_args__ = (UniqueConstraint("result_id", "doc_index", name="uq_reasoning_items_doc"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("reasoning_results.id", ondelete="CASCADE"), index=True)
+    doc_index: Mapped[int] = mapped_column(Integer, doc="position in the task's split")
+    item_id: Mapped[str] = mapped_column(String(128), doc="the dataset's id (or the position)")
+    target: Mapped[str] = mapped_column(Text, doc="the gold answer as lm-eval states it")
+    loglikelihoods: Mapped[list[Any] | None] = mapped_column(doc="per choice, multiple-choice tasks")
+    greedy: Mapped[list[Any] | None] = mapped_column(doc="per choice: every token the argmax")
+    generated: Mapped[str | None] = mapped_column(Text, doc="generated text, generation tasks")
+    score: Mapped[float] = mapped_column(Float, doc="the task's primary metric for this item")
+    correct: Mapped[bool] = mapped_column()
+    metrics: Mapped[dict[str, Any]] = mapped_column(doc="every per-item metric lm-eval computed")
+
+    result: Mapped[ReasoningResult] = relationship(back_populates="items")

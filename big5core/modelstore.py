@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from big5core.errors import Unavailable
 from big5core.settings import BUNDLED_MODEL, Settings
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ MANIFEST = "big5-manifest.json"
 EOS_TOKEN = "<|im_end|>"
 
 
-class ModelError(RuntimeError):
+class ModelError(Unavailable, RuntimeError):
     """A base model cannot be provisioned or found."""
+
+    code, title = "model-unavailable", "The base model cannot be provisioned or found"
 
 
 @dataclass(frozen=True)

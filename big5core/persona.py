@@ -20,6 +20,7 @@ explicit). Errors are domain exceptions; the service maps them to HTTP problems.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,8 +38,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from big5core import registry
 from big5core.compose import COMPOSED_PREFIX, ComposedCache
+from big5core.errors import Invalid, NotFound
 from big5core.models import Adapter
-from big5core.prompts import ChatMessage, TemplateId, prompt_demo, prompt_inst, unified_instruction, with_prefix
+from big5core.prompts import (
+    ChatMessage,
+    TemplateId,
+    prompt_demo,
+    prompt_inst,
+    prompt_inst_sentence,
+    unified_instruction,
+    with_prefix,
+    with_system,
+)
 from big5core.registry import AdapterRef, ChecksumMismatch, RegistryError
 from big5core.settings import Settings
 from big5core.traits import TRAITS, Level, Trait, TraitVector
@@ -61,7 +72,6 @@ __all__ = [
 KEY_PREFIX = "big5/"
 UNIFIED, PER_TRAIT = "unified", "per-trait"
 COMPOSED_DIRNAME = "_composed"
-_INTENSITY = ((0.875, ""), (0.625, "fairly"), (0.375, "moderately"), (0.0, "slightly"))
 
 
 class Method(StrEnum):
@@ -75,12 +85,16 @@ class Method(StrEnum):
 ADAPTER_METHODS = (Method.SFT, Method.DPO)
 
 
-class PersonaError(ValueError):
+class PersonaError(Invalid):
     """The persona is well-formed but makes no sense (e.g. demo with a mixed vector)."""
 
+    code, title = "invalid-persona", "Invalid persona"
 
-class PersonaNotFound(LookupError):
+
+class PersonaNotFound(NotFound):
     """No registered adapter can realise the persona."""
+
+    code, title = "persona-not-found", "No adapter can realise the persona"
 
 
 AdapterNotReadyError = registry.AdapterNotReady
@@ -116,12 +130,6 @@ def _single_pole(traits: Mapping[Trait, float]) -> tuple[Trait, Level] | None:
 
 def _describe(traits: Mapping[Trait, float]) -> str:
     return ", ".join(f"{t.value}={_fmt(traits[t])}" for t in TRAITS if t in traits) or "none"
-
-
-def _intensity_sentence(trait: Trait, value: float) -> str:
-    level = Level.HIGH if value > 0 else Level.LOW
-    word = next(w for threshold, w in _INTENSITY if abs(value) >= threshold)
-    return prompt_inst(trait, level) if not word else f"You are a person with {word} {level.value} {trait.value}."
 
 
 class PersonaSpec(BaseModel):
@@ -212,14 +220,17 @@ class ResolvedPersona:
     adapter_name: str | None = None
     adapter_path: Path | None = None
     parts: tuple[dict[str, Any], ...] = ()
+    base_model: str | None = None
+    system: str | None = None
+    """a unified adapter trained with its instruction as the system turn gets it there"""
 
     @property
     def composed(self) -> bool:
         return bool(self.adapter_name and self.adapter_name.startswith(COMPOSED_PREFIX))
 
     def apply(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """The messages with the persona's prefix in front of the last user turn."""
-        return with_prefix(messages, self.prefix)
+        """The messages with the persona's prefix in front of the last user turn (and its system turn, if any)."""
+        return with_system(with_prefix(messages, self.prefix), self.system)
 
     def report(self) -> dict[str, Any]:
         """JSON-friendly description returned to clients (enough to reproduce the persona)."""
@@ -229,9 +240,11 @@ class ResolvedPersona:
             "traits": dict(self.traits),
             "template_id": self.template_id.value,
             "prefix": self.prefix,
+            "system": self.system,
             "adapter": self.adapter_name,
             "composed": self.composed,
             "parts": [dict(p) for p in self.parts],
+            "base_model": self.base_model,
         }
 
 
@@ -247,6 +260,7 @@ class _AdapterInfo:
     layout: str
     base_model: str
     traits: dict[str, Any]
+    placement: str = "user"
 
     @classmethod
     def of(cls, row: Adapter) -> _AdapterInfo:
@@ -259,7 +273,27 @@ class _AdapterInfo:
             layout=row.layout,
             base_model=row.base_model,
             traits=dict(row.traits or {}),
+            placement=str((row.hyperparams or {}).get("instruction_placement", "user")),
         )
+
+
+def _unified_persona(
+    method: Method, traits: dict[Trait, float], key: str, info: _AdapterInfo, pole: tuple[Trait, Level]
+) -> ResolvedPersona:
+    """A unified adapter with the paper's instruction for ``pole``, placed where the adapter was trained with it."""
+    instruction = unified_instruction(*pole)
+    system = info.placement == "system"
+    return ResolvedPersona(
+        method,
+        _plain(traits),
+        TemplateId.UNIFIED_SYSTEM if system else TemplateId.UNIFIED,
+        key,
+        None if system else instruction,
+        info.ref,
+        Path(info.path),
+        ({"adapter": info.ref, "weight": 1.0},),
+        system=instruction if system else None,
+    )
 
 
 class PersonaResolver:
@@ -282,12 +316,23 @@ class PersonaResolver:
         self.stats = self._cache.stats  # composed_hits, composed_misses
         self._lock = threading.Lock()  # guards the small caches below, never held during I/O
         self._verified: set[tuple[str, str]] = set()
-        self._demo_prefixes: dict[tuple[Trait, Level], str] = {}
+        self._demo_prefixes: dict[tuple[Trait, Level], tuple[str, tuple[dict[str, Any], ...]]] = {}
+
+    def release_composed(self, name: str) -> None:
+        """The engine unloaded composed adapter ``name``: the shared cache may evict its folder."""
+        self._cache.release(name)
 
     # -- entry point -------------------------------------------------------------------------
 
     def resolve(self, spec: PersonaSpec) -> ResolvedPersona:
+        """What generation applies for ``spec`` on this resolver's base model (which it records)."""
+        return dataclasses.replace(self._resolve(spec), base_model=self._base)
+
+    def _resolve(self, spec: PersonaSpec) -> ResolvedPersona:
         traits = spec.quantised(self._step)
+        asked = spec.adapter is not None or "method" in spec.model_fields_set
+        if not asked and (spec.traits is None or not spec.traits.nonzero()):  # nothing asked for: no persona
+            return ResolvedPersona(Method.DIRECT, {}, TemplateId.PLAIN, persona_key(Method.DIRECT, {}))
         if spec.adapter is not None and spec.method not in ADAPTER_METHODS:
             raise PersonaError(f"an explicit adapter needs method sft or dpo, not {spec.method.value}")
         if spec.method is Method.DIRECT:
@@ -314,7 +359,7 @@ class PersonaResolver:
         if pole is not None:
             prefix = prompt_inst(*pole)
         else:
-            prefix = " ".join(_intensity_sentence(t, traits[t]) for t in TRAITS if t in traits)
+            prefix = " ".join(prompt_inst_sentence(t, traits[t]) for t in TRAITS if t in traits)
         return ResolvedPersona(
             Method.PROMPT, _plain(traits), TemplateId.PROMPT_INST, persona_key(Method.PROMPT, traits), prefix
         )
@@ -328,17 +373,23 @@ class PersonaResolver:
         with self._lock:
             prefix = self._demo_prefixes.get(pole)
         if prefix is None:
-            examples = [e for e in self._demo_examples(*pole) if e and e.strip()]
+            chosen = self._demo_examples(*pole)
+            examples = [e for e in chosen if e and e.strip()]
             if len(examples) < 10:
                 raise PersonaNotFound(
                     f"Prompt-Demo needs 10 example replies of {pole[0].value}-{pole[1].value}; "
                     f"the dataset has {len(examples)}"
                 )
-            prefix = prompt_demo(pole[0], pole[1], examples[:10])
+            prefix = prompt_demo(examples[:10]), tuple(getattr(chosen, "provenance", ()))
             with self._lock:
                 self._demo_prefixes[pole] = prefix
         return ResolvedPersona(
-            Method.DEMO, _plain(traits), TemplateId.PROMPT_DEMO, persona_key(Method.DEMO, traits), prefix
+            Method.DEMO,
+            _plain(traits),
+            TemplateId.PROMPT_DEMO,
+            persona_key(Method.DEMO, traits),
+            prefix[0],
+            parts=prefix[1],  # where the ten examples came from (source, seed, scenario ids)
         )
 
     # -- adapters ----------------------------------------------------------------------------
@@ -384,16 +435,7 @@ class PersonaResolver:
                     f"adapter {info.ref} is a unified adapter: give exactly one trait at high or low; "
                     f"got {_describe(traits)}"
                 )
-            return ResolvedPersona(
-                method,
-                _plain(traits),
-                TemplateId.UNIFIED,
-                persona_key(method, traits, info.ref),
-                unified_instruction(*pole),
-                info.ref,
-                Path(info.path),
-                part,
-            )
+            return _unified_persona(method, traits, persona_key(method, traits, info.ref), info, pole)
         carried = self._row_traits(info)
         if traits and carried and traits != carried:
             raise PersonaError(
@@ -427,16 +469,7 @@ class PersonaResolver:
                 unified = registry.find(session, method=method.value, layout=UNIFIED, base_model=self._base)
             if unified is not None:
                 self._verify(unified)
-                return ResolvedPersona(
-                    method,
-                    _plain(traits),
-                    TemplateId.UNIFIED,
-                    key,
-                    unified_instruction(*pole),  # type: ignore[misc]
-                    unified.ref,
-                    Path(unified.path),
-                    ({"adapter": unified.ref, "weight": 1.0},),
-                )
+                return _unified_persona(method, traits, key, _AdapterInfo.of(unified), pole)  # type: ignore[arg-type]
             missing: list[str] = []
             rows: list[Adapter] = []
             for trait in (t for t in TRAITS if t in traits):

@@ -5,6 +5,14 @@ can load: plain LoRA, no DoRA, no bias, no modules_to_save, rank within the engi
 hashed, then moved into place with one ``os.replace`` and only then registered as ready. A crash at
 any point leaves either nothing or an unregistered staging folder that :func:`sweep_staging`
 removes; never a half-written adapter marked ready.
+
+Concurrent publishers of one name (workers on several machines) are serialised by a lock on the
+adapter name held from the version choice to the caller's commit (:func:`lock_name`): a
+PostgreSQL transaction-level advisory lock, and on SQLite the database's write lock (taken at
+once, also held to commit). Under it ``max(version) + 1`` is a version no committed row has, so a
+folder found at its path can only be an orphan of a publish that never committed, and replacing it
+cannot touch committed files. (Unique folder names alone would not do: the loser's INSERT would
+still fail on the unique (name, version) constraint.)
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
+from big5core.errors import Conflict, Invalid, NotFound, NotReady
 from big5core.models import Adapter, AdapterState
 from big5core.modelstore import sha256_tree
 
@@ -32,20 +41,22 @@ STAGING_PREFIX = ".staging-"
 LOADABLE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class RegistryError(ValueError):
+class RegistryError(Invalid):
     """An adapter is malformed, unknown or not ready."""
 
-
-class AdapterNotFound(RegistryError):
-    pass
+    code, title = "invalid-adapter-reference", "Invalid adapter reference"
 
 
-class AdapterNotReady(RegistryError):
-    pass
+class AdapterNotFound(NotFound, RegistryError):
+    code, title = "adapter-not-found", "Unknown adapter"
 
 
-class ChecksumMismatch(RegistryError):
-    pass
+class AdapterNotReady(NotReady, RegistryError):
+    code, title = "adapter-not-ready", "Adapter not ready"
+
+
+class ChecksumMismatch(Conflict, RegistryError):
+    code, title = "adapter-checksum-mismatch", "Adapter refused: its files do not match the registry"
 
 
 MAX_VERSION = 2**31 - 1  # versions are stored as 32-bit integers
@@ -105,6 +116,22 @@ def sweep_staging(adapters_dir: Path) -> int:
     return removed
 
 
+ADVISORY_NAMESPACE = 0x6235  # "b5": the first key of pg_advisory_xact_lock(int, int), the name's hash the second
+
+
+def lock_name(session: Session, name: str) -> None:
+    """Hold a lock on adapter ``name`` until the session's transaction ends (commit or rollback)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(ADVISORY_NAMESPACE, func.hashtext(name))))
+    elif dialect == "sqlite":
+        # an UPDATE (even of no row) takes SQLite's RESERVED lock: one writer at a time until commit;
+        # the busy timeout (big5core.db) makes the second publisher wait instead of failing
+        session.execute(update(Adapter).where(false()).values(name=Adapter.name))
+    else:  # pragma: no cover - only PostgreSQL and SQLite are supported
+        raise RegistryError(f"no adapter-name lock for database dialect {dialect!r}")
+
+
 def next_version(session: Session, name: str) -> int:
     current = session.scalar(select(func.max(Adapter.version)).where(Adapter.name == name))
     return (current or 0) + 1
@@ -128,16 +155,21 @@ def publish(
 ) -> Adapter:
     """Check, hash and move a staged adapter into place, then add its ready row to ``session``.
 
-    The caller commits. If the commit fails, the moved folder is unreferenced; the next publish
-    of the same version replaces it (``os.replace`` onto the same path after a sweep).
+    Takes the name lock (:func:`lock_name`), which the caller's commit or rollback releases. If the
+    transaction rolls back, the moved folder is unreferenced: remove it with :func:`discard` before
+    the rollback, or leave it; the next publish of the name reuses that version and replaces it.
     """
     config = check_adapter_folder(staged, max_rank)
     digest = sha256_tree(staged)
+    lock_name(session, name)
     version = next_version(session, name)
     final = adapters_dir / name / f"v{version}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # left by a publish whose transaction never committed
-        shutil.rmtree(final)
+    if final.exists():  # no committed row has this version (we hold the name lock): an orphan
+        logger.warning("Replacing %s, left by a publish that never committed", final)
+        trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "orphan-", dir=adapters_dir))
+        os.replace(final, trash / final.name)
+        shutil.rmtree(trash, ignore_errors=True)
     os.replace(staged, final)
     adapter = Adapter(
         name=name,
@@ -159,6 +191,11 @@ def publish(
     session.flush()
     logger.info("Registered adapter %s (rank %d, sha256 %s)", adapter.ref, adapter.rank, digest[:12])
     return adapter
+
+
+def discard(adapter: Adapter) -> None:
+    """Remove the files of an adapter whose row is about to be rolled back (call under the name lock)."""
+    shutil.rmtree(adapter.path, ignore_errors=True)
 
 
 def get(session: Session, ref: str | AdapterRef, *, ready: bool = True) -> Adapter:

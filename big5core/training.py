@@ -1,11 +1,12 @@
-"""Training specifications: one pydantic model, stored as JSON in the job row and read from YAML/flags."""
+"""Training specifications: one pydantic model, stored as JSON in the job row.
+
+``big5 train`` reads it from a YAML file and flags with one parser (``trainer/cli.py``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from big5core.traits import Level, Trait
@@ -38,7 +39,9 @@ class TrainSpec(BaseModel):
         default_factory=lambda: list(ALL_CONDITIONS),
         description="trait:level conditions; per-trait trains one adapter each, unified trains on all",
     )
-    dataset: str = Field("bundled:sample", description="local CSV/JSONL/parquet, hub name, or bundled:sample")
+    dataset: str = Field(
+        "bundled:big5chat-real", description="CSV/JSONL/parquet path, hub name or bundled:big5chat-real"
+    )
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,100}$", description="adapter name prefix")
     lora: LoraOptions = Field(default_factory=LoraOptions)
     learning_rate: float = Field(1e-5, gt=0)
@@ -51,10 +54,29 @@ class TrainSpec(BaseModel):
     lr_scheduler_type: str = "cosine"
     beta: float = Field(0.1, gt=0, description="DPO beta (sigmoid loss)")
     seed: int = 0
-    test_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of scenarios held out; >= 0.2 at seed 0 keeps the dialogue assessment's scenarios unseen",
+    )
     max_train_rows: int | None = Field(None, ge=1, description="cap on training rows per adapter")
     save_steps: int = Field(50, ge=1, description="checkpoint interval (resume point after a crash)")
     eval: bool = Field(True, description="compute eval loss on the held-out scenarios")
+    init_from: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,100}$",
+        description="start each adapter from the registry's adapter of this name prefix, same layout and condition "
+        "(e.g. 'sft': DPO after SFT, the contrastive step); its LoRA shape then replaces `lora`",
+    )
+    instruction_placement: Literal["user", "system"] = Field(
+        "user",
+        description="unified layout: the instruction before Speaker X's words in the user turn (the paper's) or as "
+        "the system turn; recorded with the adapter, so serving places it the same way",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass; default: on a GPU yes, on a CPU no"
+    )
 
     @field_validator("conditions")
     @classmethod
@@ -89,11 +111,3 @@ class TrainSpec(BaseModel):
     def targets(self) -> list[tuple[Trait, Level] | None]:
         """The adapters this spec produces: one (None) for unified, one per condition otherwise."""
         return [None] if self.layout == "unified" else list(self.parsed_conditions())
-
-    @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> TrainSpec:
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of training options")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)

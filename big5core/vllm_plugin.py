@@ -14,6 +14,13 @@ sending an explicit zero adapter with every base request.
 vLLM loads general plugins in every process it starts (API, engine core, workers) through the
 ``vllm.general_plugins`` entry point declared in ``pyproject.toml``. :func:`register` patches only
 on the CPU platform; ``BIG5_VLLM_GROUPED_LORA=0`` turns it off (the serving bench compares both).
+
+On top of the three ops, the plugin replaces the CPU punica wrapper's ``add_lora_linear`` -- the call
+every LoRA linear layer makes -- with the segmented path of :mod:`big5core.sgmv`: one shrink and one
+expand product per projection per batch, fused slices, ranks trimmed, base rows skipped. The wrapper's
+``update_metadata`` builds the per-step row plan, and ``LoRAModelManager.activate_adapter`` marks the
+slot it writes so packed weights are rebuilt for it. ``BIG5_VLLM_SGMV_LORA=0`` keeps the grouped ops
+alone (for comparison).
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from typing import Any
 
 import torch
 
+from big5core import sgmv
+
 logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "BIG5_VLLM_GROUPED_LORA"
+SGMV_SWITCH = "BIG5_VLLM_SGMV_LORA"
 
 
 def _delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,11 +109,84 @@ PATCHED: dict[str, Any] = {
 }
 
 
+SLOT_VERSIONS = sgmv.SlotVersions()
+"""Loads into each adapter slot in this process (bumped by the patched ``activate_adapter``)."""
+
+_ORIGINALS: dict[str, Any] = {}
+
+
+def _plan_after(original: Any) -> Any:
+    def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._big5_plan = sgmv.plan_rows(self.token_lora_indices)
+
+    update_metadata._big5 = True  # type: ignore[attr-defined]
+    return update_metadata
+
+
+def _segmented_linear(original: Any) -> Any:
+    def add_lora_linear(
+        self: Any,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        **kwargs: Any,
+    ) -> Any:
+        plan: sgmv.RowPlan | None = getattr(self, "_big5_plan", None)
+        rows = x.reshape(-1, x.shape[-1])
+        usual = (
+            plan is not None
+            and plan.num_rows == rows.shape[0] == y.shape[0]
+            and y.dim() == 2
+            and kwargs.get("add_inputs", True)
+            and tuple(int(b.shape[2]) for b in lora_b_stacked) == tuple(output_slices)
+            and sum(output_slices) <= y.shape[1]
+        )
+        if not usual:
+            return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+        assert plan is not None
+        layers: dict[int, sgmv.PackedLayer] = self.__dict__.setdefault("_big5_layers", {})
+        packed = layers.get(id(lora_a_stacked[0]))
+        if packed is None or packed.a_stacked[0] is not lora_a_stacked[0]:
+            packed = layers[id(lora_a_stacked[0])] = sgmv.PackedLayer(tuple(lora_a_stacked), tuple(lora_b_stacked))
+        packed.apply(y, rows, plan, SLOT_VERSIONS, scale)
+        return None
+
+    add_lora_linear._big5 = True  # type: ignore[attr-defined]
+    return add_lora_linear
+
+
+def _versioned_activation(original: Any) -> Any:
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        written = bool(original(self, lora_id))
+        if written and lora_id in self.lora_index_to_id:
+            SLOT_VERSIONS.changed(self.lora_index_to_id.index(lora_id))
+        return written
+
+    activate_adapter._big5 = True  # type: ignore[attr-defined]
+    return activate_adapter
+
+
+def _patch_method(owner: type, name: str, make: Any) -> None:
+    current = getattr(owner, name)
+    if getattr(current, "_big5", False):
+        return
+    _ORIGINALS[f"{owner.__name__}.{name}"] = current
+    setattr(owner, name, make(current))
+
+
+def _switched_off(name: str, default: str = "1") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """Whether vLLM's engine processes will load this plugin: installed, allowed, not switched off."""
     from importlib.metadata import entry_points
 
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(ENV_SWITCH):
         return False
     allowed = os.environ.get("VLLM_PLUGINS")  # vLLM's allow-list of plugin names, when set
     if allowed is not None and "big5_cpu_lora" not in [name.strip() for name in allowed.split(",")]:
@@ -131,3 +214,19 @@ def register() -> None:
             if hasattr(module, name):
                 setattr(module, name, function)
     logger.debug("big5 grouped LoRA ops installed for vLLM's CPU backend")
+    if _switched_off(SGMV_SWITCH):
+        return
+    try:
+        from vllm.lora.model_manager import LoRAModelManager
+
+        wrapper = punica_cpu.PunicaWrapperCPU
+        for owner, name in ((wrapper, "update_metadata"), (wrapper, "add_lora_linear")):
+            getattr(owner, name)  # fail before patching anything
+        LoRAModelManager.activate_adapter  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        logger.warning("big5 segmented LoRA path not installed: %s", exc)
+        return
+    _patch_method(LoRAModelManager, "activate_adapter", _versioned_activation)
+    _patch_method(wrapper, "update_metadata", _plan_after)
+    _patch_method(wrapper, "add_lora_linear", _segmented_linear)
+    logger.debug("big5 segmented LoRA path installed for vLLM's CPU punica wrapper")

@@ -11,7 +11,10 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from evaluator.judge_cli import judge_app
+
     app.command("assess")(assess)
+    app.add_typer(judge_app, name="judge")
 
 
 def _traits(values: list[str] | None) -> dict[str, Any]:
@@ -32,10 +35,14 @@ def assess(
     trait: Annotated[list[str] | None, typer.Option(help="trait=value (repeatable), e.g. openness=1")] = None,
     adapter: Annotated[str | None, typer.Option(help="explicit adapter name@version")] = None,
     inventory: Annotated[
-        str, typer.Option(help="bfi44, ipip_neo_120, ipip_neo_300 or an uploaded one")
+        str, typer.Option(help="bfi44, ipip_neo_120, ipip_neo_300, an uploaded one, or big5chat-dialogue")
     ] = "ipip_neo_120",
-    scoring: Annotated[str, typer.Option(help="logprob or generate")] = "logprob",
-    runs: Annotated[int, typer.Option(min=1)] = 5,
+    scoring: Annotated[
+        str | None, typer.Option(help="logprob (default), label, label-norm or generate; the dialogue: judge")
+    ] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="default 5 (the dialogue: 1)")] = None,
+    max_items: Annotated[int | None, typer.Option(min=1, help="big5chat-dialogue: ask the first N turns")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="reply length (generate mode, the dialogue)")] = None,
     shuffle: bool = False,
     seed: int = 0,
     url: Annotated[str | None, typer.Option(help="a running service (else the embedded engine)")] = None,
@@ -48,11 +55,11 @@ def assess(
     body = {
         "persona": {"method": method, "traits": _traits(trait) or None, "adapter": adapter},
         "inventory": inventory,
-        "scoring": scoring,
-        "runs": runs,
         "shuffle": shuffle,
         "seed": seed,
     }
+    optional = {"scoring": scoring, "runs": runs, "max_items": max_items, "max_tokens": max_tokens}
+    body.update({k: v for k, v in optional.items() if v is not None})
     try:
         request = AssessRequest.model_validate(body)
     except ValueError as exc:
@@ -75,9 +82,9 @@ def format_profile(result: dict[str, Any]) -> str:
     ]
     if result.get("error"):
         lines.append(f"error: {result['error']}")
-    lines.append(f"{'trait':<18}{'mean':>7}{'sd':>7}{'alpha':>7}{'z':>7}")
+    lines.append(f"{'trait':<18}{'mean':>7}{'sd':>7}{'cover':>7}{'z':>7}")
     for name, score in result.get("traits", {}).items():
-        lines.append(f"{name:<18}" + "".join(f"{_f(score.get(k)):>7}" for k in ("mean", "sd", "alpha", "z")))
+        lines.append(f"{name:<18}" + "".join(f"{_f(score.get(k)):>7}" for k in ("mean", "sd", "coverage", "z")))
     summary = result.get("summary", {})
     if summary.get("option_mass_mean") is not None:
         lines.append(f"option mass (probability on the answer options): mean {summary['option_mass_mean']:.3f}")

@@ -5,8 +5,9 @@ Pure functions over recoded item answers (reverse-keyed items already flipped), 
 
 - :func:`gap_with_ci`: the induced-high minus induced-low score of the target trait, with a 95%
   percentile-bootstrap interval over the trait's items (paired: the same items on both sides).
-- :func:`method_alpha`: Cronbach's alpha of each trait's items, with every run of every assessment of
-  one method as one respondent (the induced personas supply the variance that makes alpha meaningful).
+- :func:`method_alpha` / :func:`trait_reliability`: Cronbach's alpha (and McDonald's omega) of each
+  trait's items, with every run of every assessment of one method as one respondent (the induced
+  personas supply the variance that makes them meaningful), with n and k, None where undefined.
 - :func:`off_target_shift`: how far the four other traits move from Direct when one trait is induced.
 - :func:`correlation_distance`: Frobenius distance between the 5x5 correlation matrix of the 10
   induced conditions' profiles and the human matrix (the paper's check).
@@ -55,6 +56,7 @@ class MethodFidelity:
     method: str
     gaps: dict[Trait, Gap] = field(default_factory=dict)
     alpha: dict[Trait, float | None] = field(default_factory=dict)
+    reliability: dict[Trait, scoring.Reliability] = field(default_factory=dict)  # alpha, omega, n, k
     off_target: dict[Trait, float] = field(default_factory=dict)  # mean over both levels
     correlation_distance: float | None = None
     correlation_note: str | None = None
@@ -109,6 +111,17 @@ def method_alpha(conditions: Sequence[Condition], item_ids: Sequence[str]) -> fl
     """Cronbach's alpha of ``item_ids`` with each run of each condition one respondent (listwise)."""
     rows = [[run[i] for i in item_ids] for c in conditions for run in c.runs if all(i in run for i in item_ids)]
     return scoring.cronbach_alpha(rows)
+
+
+def respondent_matrix(runs: Runs, item_ids: Sequence[str]) -> list[list[float]]:
+    """Rows of the respondents (runs) that answered every one of ``item_ids`` (listwise deletion)."""
+    return [[float(run[i]) for i in item_ids] for run in runs if all(i in run for i in item_ids)]
+
+
+def trait_reliability(runs: Runs, items_by_trait: Mapping[Trait, Sequence[str]]) -> dict[Trait, scoring.Reliability]:
+    """Alpha and omega per trait over respondents that really differ: pass the runs of every persona
+    (every assessment of a group: personas x runs), recoded. n counts the complete respondents."""
+    return {t: scoring.reliability(respondent_matrix(runs, ids)) for t, ids in items_by_trait.items() if ids}
 
 
 def profile(runs: Runs, items_by_trait: Mapping[Trait, Sequence[str]]) -> dict[Trait, float | None]:
@@ -180,6 +193,7 @@ def analyse(
                     fid.off_target[trait] = float(np.mean(shifts))
         method_conditions = [Condition(method, t, lv, runs) for (t, lv), runs in cells.items()]
         fid.alpha = {t: method_alpha(method_conditions, ids) for t, ids in items_by_trait.items()}
+        fid.reliability = trait_reliability([run for c in method_conditions for run in c.runs], items_by_trait)
         if len(profiles) >= 2:
             fid.correlation_distance, fid.correlation_note = correlation_distance(list(profiles.values()), human)
         results[method] = fid

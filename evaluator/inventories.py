@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from big5core.errors import Invalid
 from big5core.traits import TRAITS, Trait
 
 CSV_COLUMNS: tuple[str, ...] = ("id", "text", "trait", "facet", "keyed")
@@ -29,8 +30,10 @@ POOLED = "pooled"
 _FACET_CODE = re.compile(r"^([OCEAN])\d+$")
 
 
-class InventoryError(ValueError):
+class InventoryError(Invalid):
     """An inventory, its item file or a norms lookup is invalid."""
+
+    code, title = "invalid-inventory", "Invalid inventory"
 
 
 class InventoryItem(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
-from big5core.models import Assessment
+from big5core.models import Assessment, TraitScore
 from evaluator import report, store
 from evaluator.inventories import Inventory, InventoryError, load_csv_items
 from evaluator.runner import AssessmentRunner
@@ -29,14 +29,19 @@ from evaluator.schemas import (
 
 
 def assessment_out(a: Assessment) -> AssessmentOut:
-    traits = {
-        s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, alpha=s.alpha, z=s.z)
-        for s in a.scores
-        if s.scope == "trait"
-    }
-    facets = {
-        s.key: TraitScoreOut(mean=s.mean, sd=s.sd, n_runs=s.n_runs, z=s.z) for s in a.scores if s.scope == "facet"
-    }
+    def out(s: TraitScore) -> TraitScoreOut:
+        return TraitScoreOut(
+            mean=s.mean,
+            sd=s.sd,
+            n_runs=s.n_runs,
+            coverage=s.coverage,
+            n_answered=s.n_answered,
+            n_asked=s.n_asked,
+            z=s.z,
+        )
+
+    traits = {s.key: out(s) for s in a.scores if s.scope == "trait"}
+    facets = {s.key: out(s) for s in a.scores if s.scope == "facet"}
     return AssessmentOut(
         id=a.id,
         state=a.state,
@@ -108,11 +113,24 @@ def build_router(
         responses={200: {"content": {"image/svg+xml": {}, "image/png": {}, "application/json": {}}}},
     )
     def compare(body: CompareRequest, session: SessionDep) -> Any:
-        """The paper's table: per method and trait, the induced trait's score when induced high and low."""
-        found = store.search(session, inventory=body.inventory, state="done", limit=100_000)
+        """The paper's table: per comparable group (method, adapter and version, layout, scoring mode, runs,
+        base model) and trait, the induced trait's score when induced high and low, with n per cell, and
+        alpha and omega across the group's personas x runs. 400 when base models would mix (unless asked)."""
+        found = list(store.search(session, inventory=body.inventory, state="done", limit=100_000))
         if body.methods:
             found = [a for a in found if a.method in body.methods or a.method == "direct"]
-        table = report.paper_table(found, body.inventory)
+        if body.scoring:
+            found = [a for a in found if a.scoring_mode == body.scoring]
+        if body.base_model:
+            found = [a for a in found if report.group_key(a).base_model == body.base_model]
+        report.check_base_models(found, allow_mixed=body.mix_base_models)
+        reliability = None
+        if body.reliability and found:
+            grouped = report.groups(found)
+            values = store.run_values(session, [a.id for a in found])
+            inventory = store.load_inventory(session, body.inventory)
+            reliability = report.group_reliability(grouped, values, inventory)
+        table = report.paper_table(found, body.inventory, reliability)
         if body.format == "json":
             return {**table.to_dict(), "text": table.format()}
         media = "image/svg+xml" if body.format == "svg" else "image/png"

@@ -27,10 +27,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core.db import transaction
 from big5core.models import Assessment, AssessmentState
 from big5core.persona import PersonaResolver, ResolvedPersona
-from evaluator import store
+from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
 from evaluator.inventories import Inventory
+from evaluator.judge import JudgeStore
 from evaluator.schemas import AssessRequest
+
+Instrument = Inventory | dialogue.DialogueSet
+"""What an assessment administers: a questionnaire, or the dialogue assessment's Speaker X turns."""
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +50,49 @@ class AssessmentRunner:
         engine: Engine,
         *,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        judges: JudgeStore | None = None,
     ) -> None:
         self.sessions = sessions
         self.resolver = resolver
         self.engine = engine
         self.heartbeat_seconds = heartbeat_seconds
+        settings = resolver.settings
+        self.judges = judges or JudgeStore(settings.data_dir / "judges", settings.evaluator.judge_dataset)
+        self._dialogue_source = (settings.evaluator.dialogue_source, settings.evaluator.dialogue_split)
+        self._dialogue: dialogue.DialogueSet | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def prepare(self, request: AssessRequest) -> tuple[str, ResolvedPersona, Inventory]:
+    def dialogue_set(self) -> dialogue.DialogueSet:
+        """The dialogue assessment's Speaker X turns (read once per runner)."""
+        if self._dialogue is None:
+            self._dialogue = dialogue.load_dialogue_set(*self._dialogue_source)
+        return self._dialogue
+
+    def _expected(self, instrument: Instrument, request: AssessRequest) -> int:
+        if isinstance(instrument, dialogue.DialogueSet):
+            n = len(instrument.items) if request.max_items is None else min(request.max_items, len(instrument.items))
+            return n * request.runs
+        return len(instrument.items) * request.runs
+
+    def prepare(self, request: AssessRequest) -> tuple[str, ResolvedPersona, Instrument]:
         """Validate and resolve (raising domain errors) and create the queued row; returns its id."""
         resolved = self.resolver.resolve(request.persona)
+        options = request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"})
+        turns: dialogue.DialogueSet | None = None
+        if request.inventory == dialogue.DIALOGUE_INVENTORY:
+            turns = self.dialogue_set()
+            self.judges.get()  # a missing or corrupt judge is refused now, not after the replies are generated
+            options["dialogue_set"] = {"source": turns.source, "items_hash": turns.items_hash}
+        instrument: Instrument
         with transaction(self.sessions) as session:
-            record = store.inventory_record(session, request.inventory)
-            inventory = Inventory.model_validate(record.definition)
+            if turns is not None:
+                dialogue.check_unseen(session, resolved, turns)
+                record = dialogue.dialogue_record(session, turns)
+                instrument = turns
+            else:
+                record = store.inventory_record(session, request.inventory)
+                instrument = Inventory.model_validate(record.definition)
             assessment = store.create(
                 session,
                 persona=request.persona.model_dump(mode="json", exclude_none=True),
@@ -69,10 +102,10 @@ class AssessmentRunner:
                 inventory=record,
                 scoring=request.scoring,
                 runs=request.runs,
-                options=request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"}),
+                options=options,
             )
-            assessment.progress = self._beat({"items_done": 0, "items": len(inventory.items) * request.runs})
-            return assessment.id, resolved, inventory
+            assessment.progress = self._beat({"items_done": 0, "items": self._expected(instrument, request)})
+            return assessment.id, resolved, instrument
 
     async def submit(self, request: AssessRequest) -> str:
         """Prepare (in a thread), then run in the background on the current event loop."""
@@ -87,7 +120,7 @@ class AssessmentRunner:
         assessment_id: str,
         request: AssessRequest,
         resolved: ResolvedPersona,
-        inventory: Inventory,
+        inventory: Instrument,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         try:
@@ -96,7 +129,7 @@ class AssessmentRunner:
             if resolved.adapter_name is not None and resolved.adapter_path is not None:
                 lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)  # type: ignore[attr-defined]
 
-            expected = len(inventory.items) * request.runs
+            expected = self._expected(inventory, request)
             latest: dict[str, Any] = {"items_done": 0, "items": expected}
             writing = asyncio.Lock()  # a beat and a progress report never race (the newest wins)
 
@@ -114,11 +147,36 @@ class AssessmentRunner:
             stop = asyncio.Event()
             beating = asyncio.create_task(self._keep_beating(assessment_id, stop, write))
             try:
-                responses = await administer(self.engine, resolved, inventory, request, lora=lora, progress=progress)
+                if isinstance(inventory, dialogue.DialogueSet):
+                    judge = await asyncio.to_thread(self.judges.get)
+                    responses = await dialogue.administer_dialogue(
+                        self.engine,
+                        resolved,
+                        inventory,
+                        judge,
+                        runs=request.runs,
+                        max_items=request.max_items,
+                        temperature=request.temperature,
+                        max_tokens=request.max_tokens,
+                        seed=request.seed,
+                        lora=lora,
+                        progress=progress,
+                    )
+                    scores = dialogue.score_dialogue(responses, request.runs, judge, inventory)
+                else:
+                    responses = await administer(
+                        self.engine, resolved, inventory, request, lora=lora, progress=progress
+                    )
+                    scores = score(
+                        inventory,
+                        responses,
+                        request.runs,
+                        min_coverage=request.min_coverage,
+                        min_option_mass=request.min_option_mass,
+                    )
             finally:
                 stop.set()
                 await beating  # a beat in flight lands before the final write, never after it
-            scores = score(inventory, responses, request.runs)
             await asyncio.to_thread(self._in_transaction, store.complete, assessment_id, responses, scores, expected)
             logger.info("Assessment %s done (%d responses)", assessment_id, len(responses))
         except asyncio.CancelledError:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from big5core.persona import PersonaSpec
 from evaluator.inventories import InventoryItem, LikertScale
+from evaluator.scoring import DEFAULT_MIN_COVERAGE, DEFAULT_MIN_OPTION_MASS
 
 
 class AssessRequest(BaseModel):
@@ -17,20 +18,80 @@ class AssessRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     persona: PersonaSpec = Field(description="The persona, resolved exactly as /v1/generate resolves it.")
-    inventory: str = Field("ipip_neo_120", description="bfi44, ipip_neo_120, ipip_neo_300 or an uploaded name.")
-    scoring: Literal["logprob", "generate"] = Field(
+    inventory: str = Field(
+        "ipip_neo_120",
+        description="bfi44, ipip_neo_120, ipip_neo_300, an uploaded name, or big5chat-dialogue (the persona "
+        "answers held-out BIG5-CHAT Speaker X turns; each reply is scored by the trait judge).",
+    )
+    scoring: Literal["logprob", "label", "label-norm", "generate", "judge"] = Field(
         "logprob",
-        description="logprob: probability of each option in one forward pass (no sampling); "
-        "generate: the paper's protocol (sample, parse strictly, record failures).",
+        description="logprob: next-token probability of each option digit (one forward pass, no sampling); "
+        "label / label-norm: log-likelihood of each option's label text as the reply, as lm-evaluation-harness "
+        "scores multiple choice (label-norm: per character, lm-eval's acc_norm; both are stored either way); "
+        "generate: the paper's protocol (sample, parse strictly, record failures); "
+        "judge: the dialogue assessment's only mode (implied by inventory big5chat-dialogue).",
+    )
+    min_option_mass: float = Field(
+        DEFAULT_MIN_OPTION_MASS,
+        ge=0,
+        le=1,
+        description="Option-mass floor (logprob, label, label-norm): an item whose options together get less "
+        "probability than this is recorded as a failure ('no answer: option mass ... < floor'), keeps its "
+        f"distribution and has no value. Default {DEFAULT_MIN_OPTION_MASS:g}.",
+    )
+    min_coverage: float = Field(
+        DEFAULT_MIN_COVERAGE,
+        ge=0,
+        le=1,
+        description="A trait answered in fewer than this share of its (item, run) pairs has no score "
+        f"(tables show 'n/a (coverage 3%)'). Default {DEFAULT_MIN_COVERAGE:g}.",
     )
     runs: int = Field(5, ge=1, le=50, description="Administrations of the whole inventory.")
     shuffle: bool = Field(False, description="Shuffle the item order per run (recorded per response).")
     vary_instruction: bool = Field(
         True, description="Cycle through the inventory's instruction variants across runs (run r uses r mod n)."
     )
+    vary_options: bool = Field(
+        False,
+        description="Also cycle through answer-format wordings across runs (run r uses (r div n_instructions) mod "
+        "n_wordings; digit and generate modes), recorded per response; the summary reports each trait's SD "
+        "across framings.",
+    )
     seed: int = Field(0, description="Seed for shuffling and sampling.")
-    temperature: float = Field(0.6, ge=0, le=2, description="generate mode only (paper: 0.6).")
-    max_tokens: int = Field(128, ge=1, le=1024, description="generate mode only (paper: 128).")
+    temperature: float = Field(
+        0.6, ge=0, le=2, description="generate mode (paper: 0.6); the dialogue assessment defaults to 0 (greedy)."
+    )
+    max_tokens: int = Field(
+        128, ge=1, le=1024, description="generate mode (paper: 128); the dialogue assessment's reply length (64)."
+    )
+    max_items: int | None = Field(
+        None, ge=1, description="big5chat-dialogue only: ask the first N held-out turns (default all)."
+    )
+
+    @model_validator(mode="after")
+    def _dialogue_defaults(self) -> AssessRequest:
+        """The dialogue assessment is scored by the judge, greedy, 64 tokens, one run, unless asked otherwise."""
+        from evaluator.dialogue import DIALOGUE_INVENTORY
+
+        given = self.model_fields_set
+        if self.inventory == DIALOGUE_INVENTORY:
+            if "scoring" in given and self.scoring != "judge":
+                raise ValueError(
+                    f"{DIALOGUE_INVENTORY} is scored by the trait judge (scoring 'judge'), not {self.scoring!r}"
+                )
+            self.scoring = "judge"
+            if "temperature" not in given:
+                self.temperature = 0.0
+            if "max_tokens" not in given:
+                self.max_tokens = 64
+            if "runs" not in given:
+                self.runs = 1
+        else:
+            if self.scoring == "judge":
+                raise ValueError(f"scoring 'judge' is for inventory {DIALOGUE_INVENTORY} only")
+            if self.max_items is not None:
+                raise ValueError(f"max_items is for inventory {DIALOGUE_INVENTORY} only")
+        return self
 
 
 class AssessAccepted(BaseModel):
@@ -40,10 +101,12 @@ class AssessAccepted(BaseModel):
 
 
 class TraitScoreOut(BaseModel):
-    mean: float | None
-    sd: float | None
+    mean: float | None = Field(description="None when not scored (coverage below the threshold, or no answers).")
+    sd: float | None = Field(description="SD across runs.")
     n_runs: int
-    alpha: float | None = None
+    coverage: float | None = Field(None, description="Answered (item, run) pairs / all of them.")
+    n_answered: int | None = None
+    n_asked: int | None = None
     z: float | None = None
 
 
@@ -71,13 +134,17 @@ class ItemResponseOut(BaseModel):
     position: int
     item_id: str
     variant: int
+    option_variant: int = 0
     raw_text: str | None
     option_probs: list[float] | None
+    option_logprobs: list[float | None] | None = None
+    option_probs_norm: list[float] | None = None
     option_mass: float | None
     expected: float | None
     argmax: int | None
     value: float | None
     parse_error: str | None
+    judge_scores: dict[str, float] | None = None
 
 
 class InventoryUpload(BaseModel):
@@ -107,8 +174,19 @@ class InventoryOut(BaseModel):
 
 
 class CompareRequest(BaseModel):
+    """The paper's table, one row per comparable group (method, adapter and version, layout, scoring mode,
+    runs, base model), with n per cell."""
+
     model_config = ConfigDict(extra="forbid")
 
     inventory: str = "ipip_neo_120"
     methods: list[str] | None = Field(None, description="Restrict to these methods (default: all found).")
+    scoring: str | None = Field(None, description="Restrict to one scoring mode (default: all, in separate rows).")
+    base_model: str | None = Field(None, description="Restrict to one base model.")
+    mix_base_models: bool = Field(
+        False, description="Allow assessments of several base models in one table (otherwise 400)."
+    )
+    reliability: bool = Field(
+        True, description="Add Cronbach's alpha and McDonald's omega per group and trait (personas x runs)."
+    )
     format: Literal["json", "svg", "png"] = "json"

@@ -182,24 +182,6 @@ def cronbach_alpha(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) 
     return k / (k - 1) * (1.0 - item_variances / total_variance)
 
 
-def trait_alphas(
-    items: Sequence[ScoredItem], runs_answers: Sequence[Mapping[str, float | None]], points: int = 5
-) -> dict[Trait, float | None]:
-    """Cronbach's alpha per trait, each run one observation and the trait's recoded items the columns.
-
-    A run that misses any of a trait's items is left out of that trait's alpha (listwise deletion).
-    """
-    recoded = [recoded_answers(items, answers, points) for answers in runs_answers]
-    out: dict[Trait, float | None] = {}
-    for trait in TRAITS:
-        ids = [item.id for item in items if item.trait is trait]
-        if not ids:
-            continue
-        rows = [[run[i] for i in ids] for run in recoded if all(i in run for i in ids)]
-        out[trait] = cronbach_alpha(rows)
-    return out
-
-
 def parse_failure_rate(n_failed: int, n_total: int) -> float:
     """Share of answers that could not be parsed; raises ValueError on impossible counts."""
     if n_total <= 0:
@@ -293,3 +275,194 @@ def expected_value(probs: Sequence[float]) -> float:
     weights = normalise(probs)
     value = sum(i * p for i, p in enumerate(weights, start=1))
     return min(max(value, 1.0), float(len(weights)))  # guard against rounding just outside the scale
+
+
+# ----------------------------------------------------------------------------- answering and coverage
+
+DEFAULT_MIN_OPTION_MASS = 0.01
+"""Option-mass floor: an item whose options together get less of the model's probability than this
+(1% of the next-token distribution in the digit mode; of the probability of saying one of the label
+texts in the label-text modes) is recorded as a failure with its distribution, and has no value."""
+
+DEFAULT_MIN_COVERAGE = 0.5
+"""Coverage threshold: a trait whose answered share of (item, run) pairs is below this has no score."""
+
+
+def answer_from_options(
+    probs: Sequence[float] | None, mass: float, floor: float = DEFAULT_MIN_OPTION_MASS
+) -> tuple[float | None, str | None]:
+    """The expected answer of an option distribution, or (None, why) when the model did not answer.
+
+    Below ``floor`` (or with no distribution at all) the item is a failure: "no answer: option mass
+    0.0007 < floor 0.01". The distribution itself is kept by the caller either way.
+    """
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor must lie in [0, 1], got {floor}")
+    if probs is None or not math.isfinite(mass) or mass <= 0:
+        return None, f"no answer: option mass {mass:.2g} (no probability on any option)"
+    if mass < floor:
+        return None, f"no answer: option mass {mass:.2g} < floor {floor:g}"
+    return expected_value(probs), None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Answered (item, run) pairs of one trait out of all of them."""
+
+    answered: int
+    total: int
+
+    @property
+    def share(self) -> float | None:
+        return self.answered / self.total if self.total else None
+
+    def scored(self, threshold: float = DEFAULT_MIN_COVERAGE) -> bool:
+        share = self.share
+        return share is not None and share >= threshold
+
+
+def trait_coverage(
+    items: Sequence[ScoredItem], runs_answers: Sequence[Mapping[str, float | None]]
+) -> dict[Trait, Coverage]:
+    """Per trait: how many of its items were answered, over all runs (a run lacking an item counts it missing)."""
+    out: dict[Trait, Coverage] = {}
+    for trait in TRAITS:
+        ids = [item.id for item in items if item.trait is trait]
+        if ids:
+            answered = sum(1 for run in runs_answers for i in ids if run.get(i) is not None)
+            out[trait] = Coverage(answered=answered, total=len(ids) * len(runs_answers))
+    return out
+
+
+def format_score(mean: float | None, coverage: float | None, threshold: float = DEFAULT_MIN_COVERAGE) -> str:
+    """A table cell: the score, or "n/a (coverage 3%)" when the trait was not answered enough."""
+    if coverage is not None and coverage < threshold:
+        return f"n/a (coverage {coverage:.0%})"
+    return "-" if mean is None else f"{mean:.2f}"
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Internal consistency of one trait's items across ``n`` respondents (rows) and ``k`` items."""
+
+    alpha: float | None
+    omega: float | None
+    n: int
+    k: int
+    note: str | None = None  # why a value is None
+
+
+def _complete_matrix(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    rows = [list(row) for row in matrix]
+    widths = {len(row) for row in rows}
+    if len(widths) > 1:
+        raise ValueError(f"ragged matrix: row lengths {sorted(widths)}")
+    data = np.asarray(rows, dtype=float).reshape(len(rows), widths.pop() if widths else 0)
+    if not np.all(np.isfinite(data)):
+        raise ValueError("matrix contains NaN or infinite values; drop incomplete observations first")
+    return data
+
+
+def mcdonald_omega(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> float | None:
+    """McDonald's omega (total) of a rows-are-respondents, columns-are-items matrix.
+
+    A one-factor model is fitted by maximum likelihood (scikit-learn's ``FactorAnalysis``) to the
+    standardised items; omega = (sum of loadings)^2 / ((sum of loadings)^2 + sum of uniquenesses).
+    None when undefined: fewer than 3 items (a one-factor model is not identified), fewer
+    respondents than items, or an item with zero variance.
+    """
+    data = _complete_matrix(matrix)
+    n, k = data.shape
+    if k < 3 or n < k:
+        return None
+    sd = data.std(axis=0, ddof=1)
+    if np.any(sd <= math.sqrt(_ZERO_VARIANCE)):
+        return None
+    from sklearn.decomposition import FactorAnalysis
+
+    z = (data - data.mean(axis=0)) / data.std(axis=0, ddof=0)
+    fa = FactorAnalysis(n_components=1, tol=1e-10, max_iter=10_000, random_state=0).fit(z)
+    loadings = fa.components_[0]
+    uniquenesses = fa.noise_variance_
+    common = float(abs(loadings.sum())) ** 2
+    return common / (common + float(uniquenesses.sum()))
+
+
+def reliability(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> Reliability:
+    """Cronbach's alpha and McDonald's omega with n and k; both None where n < k or variance is zero."""
+    data = _complete_matrix(matrix)
+    n, k = data.shape
+    if k < 2:
+        return Reliability(None, None, n, k, "fewer than 2 items")
+    if n < k:
+        return Reliability(None, None, n, k, f"fewer respondents ({n}) than items ({k})")
+    alpha = cronbach_alpha(data)
+    omega = mcdonald_omega(data)
+    note = None
+    if alpha is None:
+        note = "zero variance of the totals"
+    elif omega is None:
+        note = "omega needs 3+ items, each with nonzero variance"
+    return Reliability(alpha, omega, n, k, note)
+
+
+def icc_agreement(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> float | None:
+    """ICC(2,1) of Shrout & Fleiss (two-way random effects, absolute agreement, single measurement).
+
+    Rows are targets (items), columns are raters (runs). None when undefined: fewer than 2 rows or
+    columns, or no variance at all.
+    """
+    data = _complete_matrix(matrix)
+    n, k = data.shape
+    if n < 2 or k < 2:
+        return None
+    grand = data.mean()
+    ss_rows = k * float(((data.mean(axis=1) - grand) ** 2).sum())
+    ss_cols = n * float(((data.mean(axis=0) - grand) ** 2).sum())
+    ss_total = float(((data - grand) ** 2).sum())
+    ss_error = ss_total - ss_rows - ss_cols
+    ms_rows = ss_rows / (n - 1)
+    ms_cols = ss_cols / (k - 1)
+    ms_error = ss_error / ((n - 1) * (k - 1))
+    denominator = ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n
+    if ss_total <= _ZERO_VARIANCE or denominator <= _ZERO_VARIANCE:
+        return None
+    return (ms_rows - ms_error) / denominator
+
+
+@dataclass(frozen=True)
+class Retest:
+    """Agreement of one assessment's runs on its items: ICC(2,1) and the mean Pearson r between runs."""
+
+    icc: float | None
+    mean_r: float | None
+    n_items: int  # items answered in every run
+    n_runs: int
+
+
+def retest(runs_answers: Sequence[Mapping[str, float | None]]) -> Retest:
+    """Test-retest agreement across runs over the items answered in every run (raw answers)."""
+    n_runs = len(runs_answers)
+    if n_runs < 2:
+        return Retest(None, None, 0, n_runs)
+    ids = sorted(set.intersection(*(({k for k, v in run.items() if v is not None}) for run in runs_answers)))
+    if len(ids) < 2:
+        return Retest(None, None, len(ids), n_runs)
+    data = np.asarray([[float(run[i]) for run in runs_answers] for i in ids])  # type: ignore[arg-type]
+    rs = []
+    for a in range(n_runs):
+        for b in range(a + 1, n_runs):
+            x, y = data[:, a], data[:, b]
+            if np.std(x) > 0 and np.std(y) > 0:
+                rs.append(float(np.corrcoef(x, y)[0, 1]))
+    return Retest(icc_agreement(data), float(np.mean(rs)) if rs else None, len(ids), n_runs)
+
+
+def framing_sd(scores_by_framing: Mapping[Hashable, float | None]) -> float | None:
+    """SD (ddof=1) of one trait's score across framings (item order, instruction and option wording);
+    None with fewer than two scored framings."""
+    present = [v for v in scores_by_framing.values() if v is not None]
+    return float(np.std(present, ddof=1)) if len(present) > 1 else None

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from big5core.errors import Conflict, NotFound
 from big5core.models import (
     Assessment,
     AssessmentState,
@@ -21,20 +22,22 @@ from evaluator.administer import Response, Scores
 from evaluator.inventories import Inventory, InventoryError, builtin_inventories
 
 
-class AssessmentNotFound(LookupError):
-    pass
+class AssessmentNotFound(NotFound):
+    code, title = "assessment-not-found", "Unknown assessment"
 
 
-class AssessmentNotRunning(RuntimeError):
+class AssessmentNotRunning(Conflict, RuntimeError):
     """An assessment was to be completed but is no longer running (e.g. a sweep marked it failed)."""
 
-
-class InventoryNotFound(LookupError):
-    pass
+    code, title = "assessment-not-running", "The assessment is no longer running"
 
 
-class InventoryConflict(ValueError):
-    pass
+class InventoryNotFound(NotFound):
+    code, title = "inventory-not-found", "Unknown inventory"
+
+
+class InventoryConflict(Conflict, ValueError):
+    code, title = "inventory-conflict", "Inventory already exists"
 
 
 def _record(inventory: Inventory, builtin: bool) -> InventoryRecord:
@@ -203,13 +206,17 @@ def complete(session: Session, assessment_id: str, items: list[Response], scores
             position=r.position,
             item_id=r.item_id,
             variant=r.variant,
+            option_variant=r.option_variant,
             raw_text=r.raw_text,
             option_probs=r.option_probs,
+            option_logprobs=r.option_logprobs,
+            option_probs_norm=r.option_probs_norm,
             option_mass=r.option_mass,
             expected=r.expected,
             argmax=r.argmax,
             value=r.value,
             parse_error=r.parse_error,
+            judge_scores=r.judge_scores,
         )
         for r in items
     )
@@ -222,7 +229,9 @@ def complete(session: Session, assessment_id: str, items: list[Response], scores
                 mean=values["mean"],
                 sd=values["sd"],
                 n_runs=values["n_runs"],
-                alpha=values["alpha"],
+                coverage=values.get("coverage"),
+                n_answered=values.get("n_answered"),
+                n_asked=values.get("n_asked"),
                 z=values["z"],
             )
             for key, values in table.items()
@@ -235,3 +244,21 @@ def fail(session: Session, assessment_id: str, error: str) -> None:
         .where(Assessment.id == assessment_id, Assessment.state.in_([AssessmentState.QUEUED, AssessmentState.RUNNING]))
         .values(state=AssessmentState.FAILED, error=error[-4000:], finished_at=utcnow())
     )
+
+
+def run_values(session: Session, assessment_ids: Sequence[str]) -> dict[str, list[dict[str, float | None]]]:
+    """Each assessment's answers (before reverse keying), one ``item_id -> value`` mapping per run."""
+    out: dict[str, list[dict[str, float | None]]] = {}
+    if not assessment_ids:
+        return out
+    rows = session.execute(
+        select(ItemResponse.assessment_id, ItemResponse.run, ItemResponse.item_id, ItemResponse.value).where(
+            ItemResponse.assessment_id.in_(list(assessment_ids))
+        )
+    )
+    for assessment_id, run, item_id, value in rows:
+        runs = out.setdefault(assessment_id, [])
+        while len(runs) <= run:
+            runs.append({})
+        runs[run][item_id] = value
+    return out

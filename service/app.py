@@ -1,16 +1,17 @@
 """The FastAPI application: ``create_app(settings)`` builds it; nothing is created at import time.
 
-Lifespan: build the stack unless given (migrates the database), start the engine in the background
-unless given started (so /health answers "loading" at once and generation answers 503 + Retry-After
-until it is ready), create the assessment runner and sweep assessments a crashed process left
-behind. On the way out: cancel running assessments, shut down the engine if this app started it,
-close the stack if this app built it. Everything lives on one typed :class:`ServiceState`.
+Lifespan: build the stack unless given (migrates the database), build and start the engine in the
+background unless given (so /health answers "loading" at once and generation answers 503 + Retry-After
+until it is ready), supervise it (a dead engine core is restarted in-process with backoff; after
+``engine_restarts`` failures in a row ``on_engine_lost`` runs: see :mod:`service.supervisor`), create
+the assessment runner and sweep assessments a crashed process left behind. On the way out: cancel
+running assessments, shut down the engine if this app started it, close the stack if this app built
+it. Everything lives on one typed :class:`ServiceState`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from big5core.engine import PersonaEngine
 from big5core.models import AdapterState
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack
+from evaluator.reasoning import routes as reasoning_routes
 from evaluator.routes import build_router as build_evaluator_router
 from service import errors
 from service.deps import get_runner, get_session, get_state, require_admin, require_client
@@ -37,10 +39,11 @@ from service.middleware import (
     RequestContextMiddleware,
     install_request_id_logging,
 )
-from service.routes import adapters, generate, health, openai, training
+from service.routes import adapters, datagen, generate, health, openai, training
 from service.schemas import ChatCompletionChunk, GenerateStreamEvent, Problem, problems
 from service.serving import GenerationService
 from service.state import Admission, AdmittedRunner, ServiceState
+from service.supervisor import EngineSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +61,22 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings, *, stack: Stack | None = None, engine: PersonaEngine | None = None) -> FastAPI:
-    """The service. ``stack``/``engine`` given: used as they are (a given started engine is not shut down)."""
+def create_app(
+    settings: Settings,
+    *,
+    stack: Stack | None = None,
+    engine: PersonaEngine | None = None,
+    on_engine_lost: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The service. ``stack``/``engine`` given: used as they are (a given engine is neither started nor shut
+    down here, but it is restarted when its core dies). ``on_engine_lost(reason)`` runs when the engine
+    cannot be (re)started any more (``big5 serve`` then exits non-zero); either way /health turns 503."""
     metrics = ServiceMetrics()
     install_request_id_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _start(settings, stack, engine, metrics)
+        state = await _start(settings, stack, engine, metrics, on_engine_lost)
         app.state.service = state
         try:
             yield
@@ -79,13 +90,17 @@ def create_app(settings: Settings, *, stack: Stack | None = None, engine: Person
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(training.router)
+    app.include_router(datagen.router)  # issue 16
     # The evaluator's routes raise its and the resolver's domain errors (unknown inventory or
     # assessment, invalid or unrealisable persona, adapter not ready): the table maps them to these.
     app.include_router(
         build_evaluator_router(get_runner, get_session, require_client, require_admin),
         responses=problems(400, 404, 409),
     )
+    reasoning = reasoning_routes.build_router(get_state, get_session, require_client)  # issue 14
+    app.include_router(reasoning, responses=problems(400, 404, 409))
     app.include_router(health.router)
+    _add_aliases(app, UNVERSIONED_ALIASES)
     app.openapi = _openapi_documenting_problems(app)  # type: ignore[method-assign]
     # Added last = outermost: request id, then metrics, then the body limit next to the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.service.max_body_bytes)
@@ -95,9 +110,13 @@ def create_app(settings: Settings, *, stack: Stack | None = None, engine: Person
 
 
 async def _start(
-    settings: Settings, stack: Stack | None, engine: PersonaEngine | None, metrics: ServiceMetrics
+    settings: Settings,
+    stack: Stack | None,
+    engine: PersonaEngine | None,
+    metrics: ServiceMetrics,
+    on_engine_lost: Callable[[str], None] | None,
 ) -> ServiceState:
-    owns_stack = stack is None
+    owns_stack, owns_engine = stack is None, engine is None
     built = stack if stack is not None else await asyncio.to_thread(build_stack, settings)
     try:
         engine = engine if engine is not None else built.make_engine()
@@ -122,9 +141,14 @@ async def _start(
             built.close()
         raise
     metrics.bind(built.resolver.stats, lambda: engine.ready, lambda: admission.in_flight)
-    if not engine.ready and not engine.starting and engine.error is None:
-        state.owns_engine = True
-        state.engine_task = asyncio.create_task(_start_engine(engine), name="big5-engine-start")
+    state.owns_engine = owns_engine
+    service = settings.service
+    state.supervisor = EngineSupervisor(
+        engine, restarts=service.engine_restarts, backoff_s=service.engine_restart_backoff_s, on_give_up=on_engine_lost
+    )
+    state.engine_task = asyncio.create_task(
+        state.supervisor.run(start=state.owns_engine), name="big5-engine-supervisor"
+    )
     logger.info(
         "Service started: base model %s, engine %s, %d ready adapter(s)",
         built.base_model_id, state.health, len(state.known_adapters),
@@ -132,21 +156,41 @@ async def _start(
     return state
 
 
-async def _start_engine(engine: PersonaEngine) -> None:
-    # A failure is recorded on the engine (engine.error) and logged there; /health reports it.
-    with contextlib.suppress(Exception):
-        await engine.astart()
-
-
 async def _stop(state: ServiceState) -> None:
     await state.runner.drain()
     if state.engine_task is not None and not state.engine_task.done():
-        state.engine_task.cancel()  # stops waiting; a start under way finishes and is then shut down
+        state.engine_task.cancel()  # stops supervising; a (re)start under way finishes and is then shut down
     if state.owns_engine:
         await asyncio.to_thread(state.engine.shutdown)
     if state.owns_stack:
         state.stack.close()
     logger.info("Service stopped")
+
+
+UNVERSIONED_ALIASES = {"/v1/generate": "/generate", "/v1/assess": "/assess"}
+"""The design's names for its internal clients: stable aliases, served (and documented) like the v1 routes."""
+
+
+def _add_aliases(app: FastAPI, aliases: dict[str, str]) -> None:
+    """Serve each ``aliases`` path's route also at its alias: the same endpoint, dependencies and schema."""
+    for route in list(app.router.routes):
+        if not isinstance(route, APIRoute) or route.path not in aliases:
+            continue
+        app.router.add_api_route(
+            aliases[route.path],
+            route.endpoint,
+            methods=sorted(route.methods),
+            name=f"{route.name}_alias",
+            summary=f"{route.summary or route.name.replace('_', ' ').capitalize()} (alias of {route.path})",
+            description=route.description,
+            response_model=route.response_model,
+            status_code=route.status_code,
+            tags=route.tags,
+            dependencies=route.dependencies,
+            responses=route.responses,
+            response_class=route.response_class,
+            openapi_extra=route.openapi_extra,
+        )
 
 
 def _ready_refs(stack: Stack) -> set[str]:

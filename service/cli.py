@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+ENGINE_LOST_EXIT = 3  # the engine died and could not be restarted (docker-compose.yml restarts the service)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +27,17 @@ def register(app: typer.Typer) -> None:
 
         install_request_id_logging()
         logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, force=True)
-        application = create_app(get_settings())
+        lost: list[str] = []
+
+        def engine_lost(reason: str) -> None:  # the engine cannot be restarted: stop, then exit non-zero
+            lost.append(reason)
+            server.should_exit = True
+
+        application = create_app(get_settings(), on_engine_lost=engine_lost)
         # log_config=None: keep the root configuration above (request ids) for uvicorn's loggers too.
-        uvicorn.run(application, host=host, port=port, log_config=None, log_level=log_level.lower())
+        config = uvicorn.Config(application, host=host, port=port, log_config=None, log_level=log_level.lower())
+        server = uvicorn.Server(config)
+        server.run()
+        if lost:
+            typer.echo(f"big5 serve: {lost[0]}; exiting for the supervisor to restart the service", err=True)
+            raise typer.Exit(ENGINE_LOST_EXIT)

@@ -1,8 +1,11 @@
-"""RFC 9457 problem responses: ONE table from domain exceptions to HTTP.
+"""RFC 9457 problem responses: ONE table from error categories to HTTP.
 
-Domain code raises its own exceptions (``PersonaNotFound``, ``PromptTooLong``, ...) without any HTTP
-knowledge; :data:`PROBLEMS` says what each one means on the wire. A lookup walks the exception's MRO,
-so a subclass listed in the table wins over its base (``AdapterNotReady`` before ``RegistryError``).
+Domain code raises its own exceptions without any HTTP knowledge; each derives from a category of
+:mod:`big5core.errors` (not found, invalid, conflict, not ready, unavailable) and names itself with a
+``code`` and a ``title``. :data:`PROBLEMS` says what each category means on the wire; the problem's
+type and title are the exception's own. So the service imports no edge's exception classes, and a
+new domain error is mapped by the category it derives from. A lookup walks the exception's MRO, so
+the most specific listed class wins (``AdapterNotFound`` is a 404 although it is a registry error).
 Anything not in the table is a 500 whose body carries no internals (the traceback goes to the log).
 
 The few exceptions defined here are the service's own conditions (queue full, body too large,
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -25,13 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DataError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from big5core.compose import CompositionError
-from big5core.engine import EngineNotReady, PromptTooLong
-from big5core.jobs import JobNotFound
-from big5core.persona import PersonaError, PersonaNotFound
-from big5core.registry import AdapterNotFound, AdapterNotReady, ChecksumMismatch, RegistryError
-from evaluator.inventories import InventoryError
-from evaluator.store import AssessmentNotFound, InventoryConflict, InventoryNotFound
+from big5core.errors import Conflict, DomainError, Invalid, NotFound, NotReady, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +39,20 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # ---------------------------------------------------------------- the service's own conditions
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Unavailable):
     """Admission control: ``max_queue`` generation/assessment requests are already in flight."""
+
+    code, title, retry_after = "server-busy", "Too many requests in flight", 1
 
 
 class GenerationTimeout(TimeoutError):
     """An engine call ran past ``request_timeout_s``."""
 
 
-class AdapterLoadFailed(RuntimeError):
+class AdapterLoadFailed(Conflict):
     """The engine refused an adapter the registry accepted (e.g. rank above ``max_lora_rank``)."""
+
+    code, title = "adapter-load-failed", "The engine cannot load this adapter"
 
 
 class BodyTooLarge(ValueError):
@@ -82,35 +83,20 @@ PROBLEMS: Mapping[type[BaseException], ProblemKind] = {
     # 422: the request does not match the schema
     RequestValidationError: ProblemKind(422, "validation-error", "Request validation failed"),
     ValidationError: ProblemKind(422, "validation-error", "Request validation failed"),
-    # 400: well-formed but semantically invalid
-    PersonaError: ProblemKind(400, "invalid-persona", "Invalid persona"),
-    InventoryError: ProblemKind(400, "invalid-inventory", "Invalid inventory"),
-    PromptTooLong: ProblemKind(400, "prompt-too-long", "Prompt and max_tokens exceed the context length"),
-    RegistryError: ProblemKind(400, "invalid-adapter-reference", "Invalid adapter reference"),
+    # The domain's categories (type and title from the exception itself)
+    Invalid: ProblemKind(400, Invalid.code, Invalid.title),  # well-formed but semantically invalid
+    NotFound: ProblemKind(404, NotFound.code, NotFound.title),
+    Conflict: ProblemKind(409, Conflict.code, Conflict.title),  # exists, but not usable as it is
+    NotReady: ProblemKind(409, NotReady.code, NotReady.title),
+    Unavailable: ProblemKind(503, Unavailable.code, Unavailable.title, retry_after=Unavailable.retry_after),
     # A request value the database cannot take as a query parameter: a NUL character in a string, a
     # number beyond its column's range. The detail is the driver's one-line reason, never the SQL.
     DataError: ProblemKind(400, "invalid-value", "A value of the request cannot be used"),
-    # 404: unknown things
-    PersonaNotFound: ProblemKind(404, "persona-not-found", "No adapter can realise the persona"),
-    AdapterNotFound: ProblemKind(404, "adapter-not-found", "Unknown adapter"),
-    AssessmentNotFound: ProblemKind(404, "assessment-not-found", "Unknown assessment"),
-    InventoryNotFound: ProblemKind(404, "inventory-not-found", "Unknown inventory"),
-    JobNotFound: ProblemKind(404, "training-job-not-found", "Unknown training job"),
-    # 409: exists, but not usable as it is
-    AdapterNotReady: ProblemKind(409, "adapter-not-ready", "Adapter not ready"),
-    InventoryConflict: ProblemKind(409, "inventory-conflict", "Inventory already exists"),
-    ChecksumMismatch: ProblemKind(
-        409, "adapter-checksum-mismatch", "Adapter refused: its files do not match the registry"
-    ),
-    CompositionError: ProblemKind(409, "composition-failed", "The adapters cannot be composed exactly"),
-    AdapterLoadFailed: ProblemKind(409, "adapter-load-failed", "The engine cannot load this adapter"),
     # 401/403/413
     Unauthorized: ProblemKind(401, "unauthorized", "Missing or invalid API key"),
     Forbidden: ProblemKind(403, "forbidden", "This key may not use this route"),
     BodyTooLarge: ProblemKind(413, "body-too-large", "Request body too large"),
-    # 503/504: try again later
-    EngineNotReady: ProblemKind(503, "engine-not-ready", "The generation engine is not ready", retry_after=10),
-    QueueFull: ProblemKind(503, "server-busy", "Too many requests in flight", retry_after=1),
+    # 504: try again later
     GenerationTimeout: ProblemKind(504, "generation-timeout", "The engine did not answer in time"),
     # The database refused or lost the connection (or asked for a retry): routes that need it wait
     # for it, routes that do not (direct and prompt generation) keep answering. Its text names hosts.
@@ -129,6 +115,9 @@ def kind_of(exc: BaseException) -> ProblemKind:
     for cls in type(exc).__mro__:
         found = PROBLEMS.get(cls)
         if found is not None:
+            if isinstance(exc, DomainError):  # the category's status, the exception's own type and title
+                retry = getattr(exc, "retry_after", None) if found.retry_after is not None else None
+                return replace(found, slug=exc.code, title=exc.title, retry_after=retry)
             return found
     return INTERNAL
 

@@ -349,7 +349,11 @@ class JobOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["loading", "ready", "error"]
+    status: Literal["loading", "ready", "restarting", "error"] = Field(
+        description="loading: the engine starts; restarting: its core died and it is being restarted; "
+        "error: it failed and will not come back (the process is about to exit)."
+    )
     error: str | None = Field(None, description="Why the engine is not available, when it failed.")
     base_model: str | None = None
     engine_start_seconds: float | None = None
+    engine_restarts: int = Field(0, description="Times the engine was restarted after its core died.")

@@ -7,6 +7,10 @@ different personas in flight at once share the engine's batch: each carries its 
 
 Every call is admitted first (:class:`~service.state.Admission`) and bounded by
 ``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
+
+Composed adapters (one per trait vector asked for) stay loaded in the engine up to a bound
+(:class:`~big5core.compose.Residency`): beyond it the least recently used one that no request is
+using is unloaded from the engine and released on disk, so the shared composed cache may evict it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import contextlib
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+from big5core.compose import COMPOSED_PREFIX, Residency
 from big5core.engine import (
     EngineNotReady,
     GenerationChunk,
@@ -82,7 +87,8 @@ class CompletionStream:
         self._first = first
         self._slot = slot
         self._deadline = deadline
-        weakref.finalize(self, slot.release)  # a stream nobody iterates still gives its slot back
+        self._done = _Once(slot.release, lambda: service._release(prepared))
+        weakref.finalize(self, self._done)  # a stream nobody iterates still gives its slot back
 
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         pieces: list[str] = []
@@ -97,7 +103,7 @@ class CompletionStream:
                 chunk = await self._service._next_chunk(self._chunks, self._deadline, self.id)
             self._service._finished(self.id, self._prepared, "".join(pieces), self.completion_tokens)
         finally:
-            self._slot.release()
+            self._done()
             with contextlib.suppress(Exception):
                 await self._chunks.aclose()  # type: ignore[attr-defined]
 
@@ -116,6 +122,9 @@ class GenerationService:
         self.engine = engine
         self.admission = admission
         self.metrics = metrics
+        limits = engine.settings
+        # at least a full batch (max_loras); beyond the engine's host cache (max_cpu_loras) it would reload anyway
+        self.resident = Residency(max(limits.max_loras, min(limits.max_cpu_loras, settings.composed_cache_size)))
 
     # ------------------------------------------------------------ entry points
 
@@ -125,6 +134,7 @@ class GenerationService:
         """One whole reply."""
         slot = self._admit()
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        prepared: Prepared | None = None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 prepared = await self.prepare(spec, messages, sampling, request_id)
@@ -135,6 +145,8 @@ class GenerationService:
             raise self._timeout(request_id) from exc
         finally:
             slot.release()
+            if prepared is not None:
+                self._release(prepared)
         self._finished(request_id, prepared, result.text, result.completion_tokens)
         return Completion(request_id, prepared.persona, result)
 
@@ -150,6 +162,7 @@ class GenerationService:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         chunks: AsyncIterator[GenerationChunk] | None = None
+        prepared: Prepared | None = None
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -160,6 +173,8 @@ class GenerationService:
             first = await self._next_chunk(chunks, deadline, request_id)
         except BaseException:
             slot.release()
+            if prepared is not None:
+                self._release(prepared)
             if chunks is not None:
                 with contextlib.suppress(Exception):
                     await chunks.aclose()  # type: ignore[attr-defined]
@@ -195,11 +210,31 @@ class GenerationService:
         if persona.adapter_path is None:
             raise AdapterLoadFailed(f"adapter {persona.adapter_name} has no files to load")
         try:
-            return await self.engine.register_lora(persona.adapter_name, persona.adapter_path)
+            handle = await self.engine.register_lora(persona.adapter_name, persona.adapter_path)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
             if isinstance(exc, EngineNotReady):
                 raise
             raise AdapterLoadFailed(f"adapter {persona.adapter_name}: {exc}") from exc
+        if persona.adapter_name.startswith(COMPOSED_PREFIX):
+            for victim in self.resident.acquire(persona.adapter_name):
+                await self._unload(victim)
+        return handle
+
+    def _release(self, prepared: Prepared) -> None:
+        """The request that used ``prepared`` is over (its composed adapter may be unloaded later)."""
+        name = prepared.persona.adapter_name
+        if name is not None and name.startswith(COMPOSED_PREFIX):
+            self.resident.release(name)
+
+    async def _unload(self, name: str) -> None:
+        """Unload an idle composed adapter from the engine, then let the shared cache evict its folder."""
+        try:
+            await self.engine.remove_lora(name)
+        except Exception:  # e.g. the engine is restarting: it comes back without it or reloads it from disk
+            logger.warning("could not unload composed adapter %s; its folder stays held", name, exc_info=True)
+            return
+        self.resolver.release_composed(name)
+        logger.info("Unloaded composed adapter %s (more than %d loaded)", name, self.resident.capacity)
 
     async def _next_chunk(
         self, chunks: AsyncIterator[GenerationChunk], deadline: float, request_id: str
@@ -228,3 +263,15 @@ class GenerationService:
             logger.info("%s completion %r", request_id, text)
         else:
             logger.debug("%s done: %d tokens", request_id, completion_tokens)
+
+
+class _Once:
+    """Calls its functions the first time it is called, never again (idempotent clean-up)."""
+
+    def __init__(self, *functions: Callable[[], object]) -> None:
+        self._functions: tuple[Callable[[], object], ...] | None = functions
+
+    def __call__(self) -> None:
+        functions, self._functions = self._functions, None
+        for function in functions or ():
+            function()

@@ -20,6 +20,7 @@ from service.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
     from service.serving import GenerationService
+    from service.supervisor import EngineSupervisor
 
 
 class Slot:
@@ -119,14 +120,22 @@ class ServiceState:
     metrics: ServiceMetrics
     owns_stack: bool = False
     owns_engine: bool = False  # True when this app started the engine (so it shuts it down)
-    engine_task: asyncio.Task[None] | None = None
+    engine_task: asyncio.Task[None] | None = None  # the supervisor's (it starts an engine this app owns)
+    supervisor: EngineSupervisor | None = None
     known_adapters: set[str] = field(default_factory=set)  # ready refs seen by start-up or a reload
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def health(self) -> str:
+        """ready; loading (first start); restarting (the core died, a restart is due or under way);
+        error (the engine failed and nothing will bring it back: the supervisor gave up, or none runs)."""
         if self.engine.ready:
             return "ready"
-        if self.engine.error and not self.engine.starting:
+        supervisor = self.supervisor
+        if supervisor is not None and supervisor.gave_up:
             return "error"
-        return "loading"
+        if self.engine.dead and (supervisor is not None or self.engine.starting):
+            return "restarting"
+        if self.engine.starting or (supervisor is not None and supervisor.recovering):
+            return "loading"
+        return "error" if self.engine.error else "loading"

@@ -1,4 +1,10 @@
-"""Shared fixtures: a fresh PostgreSQL database per test session, settings, the bundled model."""
+"""Shared fixtures: a fresh PostgreSQL database per test session, settings, the bundled model.
+
+Markers follow what a test needs, from its fixtures (:func:`pytest_collection_modifyitems`): a test
+using the real engine is ``slow``, one using a PostgreSQL fixture is ``pg``. Tests that train mark
+themselves ``slow``. Without a reachable PostgreSQL the ``pg`` tests are skipped, loudly (a line in
+the summary), except under ``CI``, where they fail.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -15,6 +22,39 @@ from big5core.db import make_engine, session_factory
 from big5core.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("BIG5_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_FIXTURES = frozenset({"pg_url", "empty_pg_url"})  # every other database fixture builds on these
+SLOW_FIXTURES = frozenset({"engine"})  # the real vLLM engine (~45 s to start)
+NO_PG = "PostgreSQL not reachable"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by what their fixtures need: ``pg`` (a PostgreSQL database), ``slow`` (the engine)."""
+    for item in items:
+        needed = set(getattr(item, "fixturenames", ()))
+        if needed & PG_FIXTURES:
+            item.add_marker(pytest.mark.pg)
+        if needed & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say loudly when tests were skipped for want of PostgreSQL (they did not pass: they did not run)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_PG in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep(
+            "!",
+            f"{len(skipped)} test(s) SKIPPED: {NO_PG} at {PG_ADMIN_URL} "
+            "(start it, or set BIG5_TEST_PG_ADMIN_URL; under CI=1 they fail instead)",
+            red=True,
+            bold=True,
+        )
+
+
+def _require_pg() -> None:
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but not reachable at {PG_ADMIN_URL}")
+        pytest.skip(NO_PG)
 
 
 def _pg_available() -> bool:
@@ -61,10 +101,7 @@ def _drop_database(url: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A throwaway PostgreSQL database with every migration applied (Alembic), dropped afterwards."""
-    if not _pg_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI but not reachable at {PG_ADMIN_URL}")
-        pytest.skip("PostgreSQL not reachable")
+    _require_pg()
     from big5core import migrate
 
     url = _create_database("big5_test")
@@ -76,8 +113,7 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture()
 def empty_pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database (no migrations) for schema tests."""
-    if not _pg_available():
-        pytest.skip("PostgreSQL not reachable")
+    _require_pg()
     url = _create_database("big5_empty")
     yield url
     _drop_database(url)

@@ -107,3 +107,13 @@ def test_multi_gpu_worker_launches_one_rank_per_reserved_gpu(gpus: str | None) -
     [device] = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["count"] == ranks and device["driver"] == "nvidia"
     assert int(worker["shm_size"]) >= 2**30  # NCCL needs more than Docker's 64 MB /dev/shm
+
+
+def test_long_running_services_restart_when_they_exit() -> None:
+    """`big5 serve` exits non-zero when its engine cannot be restarted: Compose must bring it back."""
+    rendered = compose("--profile", "gpu", "config", "--format", "json", env=KEYS)
+    assert rendered.returncode == 0, rendered.stderr
+    services = json.loads(rendered.stdout)["services"]
+    for name in ("api", "api-gpu", "worker", "worker-gpu"):
+        assert services[name].get("restart") == "unless-stopped", name
+    assert services["migrate"].get("restart") == "no"  # a one-shot job

@@ -17,51 +17,96 @@ T = TypeVar("T")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
-    app.command("worker")(worker)
-    app.command("jobs")(list_jobs)
+    # The training flags are parsed by pydantic-settings (train_args), which also prints --help.
+    passthrough = {"ignore_unknown_options": True, "allow_extra_args": True}
+    app.command("train", context_settings=passthrough, add_help_option=False)(train)
+    app.command("worker")(worker)  # `big5 jobs ...` lives in trainer/jobs_cli.py
 
 
-def train(
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file of TrainSpec options.")] = None,
-    method: Annotated[str | None, typer.Option(help="sft or dpo")] = None,
-    layout: Annotated[str | None, typer.Option(help="unified or per-trait")] = None,
-    dataset: Annotated[str | None, typer.Option(help="CSV/JSONL/parquet path, hub name, or bundled:sample")] = None,
-    condition: Annotated[list[str] | None, typer.Option(help="trait:level (repeatable; default all 10)")] = None,
-    max_steps: Annotated[int | None, typer.Option()] = None,
-    learning_rate: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    max_length: Annotated[int | None, typer.Option()] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA r (alpha = 2r unless set in the YAML)")] = None,
-    name: Annotated[str | None, typer.Option(help="adapter name prefix")] = None,
-    wait: Annotated[bool, typer.Option(help="Run a worker here until the job ends.")] = True,
-) -> None:
-    """Queue a training job (SFT or DPO, unified or per-trait) and, by default, run it here."""
+def train_args_model() -> type[Any]:
+    """``big5 train``'s options: every :class:`TrainSpec` field as a flag, plus ``--config`` and ``--wait``.
+
+    One parser reads the YAML file and the flags (pydantic-settings: CLI over YAML over defaults,
+    merged field by field), so ``--lora.r 16`` (or ``--rank 16``) changes only ``lora.r`` of the
+    file's ``lora`` section.
+    """
+    from pydantic import AliasChoices, Field, model_validator
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+    from big5core.training import ALL_CONDITIONS, TrainSpec
+
+    class TrainArgs(TrainSpec, BaseSettings):  # type: ignore[misc]
+        model_config = SettingsConfigDict(
+            extra="forbid",
+            cli_prog_name="big5 train",
+            cli_kebab_case=True,
+            cli_implicit_flags=True,
+            cli_avoid_json=True,
+            cli_hide_none_type=True,
+        )
+
+        config: Path | None = Field(None, description="YAML file of these options; each flag overrides its own field")
+        wait: bool = Field(True, description="Run a worker here until the job ends.")
+        rank: int | None = Field(None, description="LoRA r (short for --lora.r; alpha and the rest stay as set)")
+        conditions: list[str] = Field(
+            default_factory=lambda: list(ALL_CONDITIONS),
+            validation_alias=AliasChoices("condition", "conditions"),
+            description="trait:level (repeatable; default all 10)",
+        )
+        per_device_train_batch_size: int = Field(
+            4, ge=1, validation_alias=AliasChoices("batch_size", "per_device_train_batch_size")
+        )
+
+        @model_validator(mode="before")
+        @classmethod
+        def _rank_is_lora_r(cls, data: Any) -> Any:
+            if isinstance(data, dict) and data.get("rank") is not None:
+                data = {**data, "lora": {**(data.get("lora") or {}), "r": data["rank"]}}
+            return data
+
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, **_: Any
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, YamlConfigSettingsSource(settings_cls)  # no environment: flags and file only
+
+        def spec(self) -> TrainSpec:
+            return TrainSpec.model_validate(self.model_dump(exclude={"config", "wait", "rank"}))
+
+    return TrainArgs
+
+
+def parse_train_args(argv: list[str]) -> Any:
+    """Parse ``big5 train`` arguments (and the ``--config`` YAML they name); argparse exits on errors."""
+    import argparse
+
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    model = train_args_model()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    config = pre.parse_known_args(argv)[0].config
+    if config is not None:
+        if not config.is_file():
+            raise typer.BadParameter(f"{config}: no such file", param_hint="--config")
+        model = type(model.__name__, (model,), {"model_config": {**model.model_config, "yaml_file": config}})
+    try:
+        return CliApp.run(model, cli_args=argv)
+    except ValidationError as exc:  # a value of the file or of a flag (argparse reports unknown flags itself)
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def train(ctx: typer.Context) -> None:
+    """Queue a training job (SFT or DPO, unified or per-trait) and, by default, run it here.
+
+    Options: `big5 train --help`. A YAML file (--config) sets any of them; flags override its fields.
+    """
     from big5core.settings import get_settings
-    from big5core.training import TrainSpec
     from trainer.worker import Worker, job_snapshot, submit
 
-    overrides: dict[str, Any] = {
-        "method": method,
-        "layout": layout,
-        "dataset": dataset,
-        "conditions": condition or None,
-        "max_steps": max_steps,
-        "learning_rate": learning_rate,
-        "per_device_train_batch_size": batch_size,
-        "max_length": max_length,
-        "name": name,
-    }
-    if rank is not None:
-        overrides["lora"] = {"r": rank, "alpha": 2 * rank}
-    try:
-        spec = (
-            TrainSpec.from_yaml(config, **overrides)
-            if config
-            else TrainSpec.model_validate({k: v for k, v in overrides.items() if v is not None})
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    args = parse_train_args(list(ctx.args))
+    spec, wait = args.spec(), args.wait
     settings = get_settings()
 
     def lead(group: RankGroup | None) -> str:
@@ -125,20 +170,3 @@ def worker(
     )
     if count is not None:
         typer.echo(f"processed {count} job(s)")
-
-
-def list_jobs(limit: int = 20) -> None:
-    """List recent training jobs."""
-    from sqlalchemy import select
-
-    from big5core import migrate
-    from big5core.db import engine_for, session_factory
-    from big5core.models import TrainingJob
-    from big5core.settings import get_settings
-
-    settings = get_settings()
-    migrate.ensure_current(settings.resolved_database_url)
-    sessions = session_factory(engine_for(settings))
-    with sessions() as session:
-        for job in session.scalars(select(TrainingJob).order_by(TrainingJob.created_at.desc()).limit(limit)):
-            typer.echo(f"{job.id}  {job.state:<10} attempts={job.attempts} progress={json.dumps(job.progress)}")

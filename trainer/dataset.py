@@ -1,9 +1,7 @@
-"""The BIG5-CHAT dataset: loading, validation, artifact filtering, splits and TRL examples.
+"""BIG5-CHAT rows as TRL examples: SFT conversations and DPO preference pairs, in both layouts.
 
-Sources (:func:`load_rows`): a local ``.csv``/``.jsonl``/``.parquet`` file, a folder holding the
-released ``big5_chat_dataset.csv``, ``"bundled:sample"`` (the small stand-in shipped in
-``trainer/data``), or a Hugging Face dataset name such as ``"wenkai-li/big5_chat"`` (needs a
-network and the ``datasets`` package, imported only then).
+Loading, validation, artifact filtering and scenario splits live in :mod:`big5core.dataset` (the
+evaluator reads the same data); they are re-exported here for the trainer's callers.
 
 Layouts: ``unified`` is the paper's one adapter for all ten trait-level conditions, the instruction
 before Speaker X's words in the user turn; ``per-trait`` is one adapter per trait-level condition,
@@ -12,371 +10,66 @@ the adapter itself the persona, so the prompt is Speaker X's words alone.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
-import math
-import re
-import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.resources import files
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
-from big5core.prompts import ChatMessage, training_messages, unified_instruction
-from big5core.traits import TRAITS, Level, Trait
+from big5core.dataset import (
+    BUNDLED_REAL,
+    DATASET_FILENAME,
+    HELDOUT_FRACTION,
+    HUB_DATASET,
+    REQUIRED_COLUMNS,
+    DatasetError,
+    FilterReport,
+    Row,
+    bundled_path,
+    dataset_hash,
+    filter_artifacts,
+    heldout_split,
+    load_filtered,
+    load_rows,
+    near_duplicate_key,
+    select,
+    split_by_scenario,
+)
+from big5core.prompts import ChatMessage, InstructionPlacement, training_messages, unified_instruction
+from big5core.traits import Level, Trait
+
+__all__ = [
+    "BUNDLED_REAL",
+    "DATASET_FILENAME",
+    "HELDOUT_FRACTION",
+    "HUB_DATASET",
+    "REQUIRED_COLUMNS",
+    "DatasetError",
+    "FilterReport",
+    "PairReport",
+    "Row",
+    "bundled_path",
+    "dataset_hash",
+    "dpo_pairs",
+    "filter_artifacts",
+    "heldout_split",
+    "load_filtered",
+    "load_rows",
+    "near_duplicate_key",
+    "select",
+    "sft_examples",
+    "split_by_scenario",
+]
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("original_index", "trait", "level", "train_input", "train_output")
-"""Columns a source must have; the other columns of the released schema are optional."""
-
-BUNDLED_SAMPLE = "bundled:sample"
-"""Source name of the bundled 700-row stand-in for the real dataset."""
-
-HUB_DATASET = "wenkai-li/big5_chat"
-"""The released dataset on the Hugging Face hub."""
-
-DATASET_FILENAME = "big5_chat_dataset.csv"
-"""File name of the released CSV; a folder given as source must hold it."""
-
 Layout = Literal["unified", "per-trait"]
-Record = dict[str, Any]
 Example = dict[str, list[ChatMessage]]
 """A TRL conversational example: ``{"messages": ...}`` (SFT) or ``{"prompt", "chosen", "rejected"}`` (DPO)."""
 
 _LAYOUTS: tuple[str, ...] = ("unified", "per-trait")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_NULL_TEXTS = frozenset({"", "nan", "null"})
 
 
-class DatasetError(ValueError):
-    """The dataset cannot be used as given; the message names the problem and where it is."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One dialogue: Speaker X opens, Speaker Y answers at ``level`` of ``trait``; null texts load as ``""``."""
-
-    scenario: str
-    trait: Trait
-    level: Level
-    speaker_x: str
-    speaker_y: str
-    instruction: str | None
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def bundled_sample_path() -> Path:
-    """Path of the bundled sample CSV (70 scenarios x 10 arms, the released schema)."""
-    return Path(str(files("trainer") / "data" / "big5_chat_sample.csv"))
-
-
-def load_rows(source: str | Path) -> list[Row]:
-    """Load and validate a BIG5-CHAT source (see the module docstring for what ``source`` may be).
-
-    Raises :class:`DatasetError` for an empty file or source without rows, missing required
-    columns, and unknown trait or level values (with their 1-based row numbers, header excluded).
-    Nulls in the label columns (``original_index``, ``trait``, ``level``) are errors too, since
-    such a row cannot be placed; nulls in the speaker texts are not: they are counted here (logged)
-    and dropped by :func:`filter_artifacts`.
-    """
-    records, origin = _read_source(source)
-    rows = _to_rows(records, origin)
-    n_null = sum(1 for row in rows if _is_null_text(row.speaker_x) or _is_null_text(row.speaker_y))
-    logger.info("loaded %d rows from %s (%d with a null speaker text)", len(rows), origin, n_null)
-    return rows
-
-
-def _read_source(source: str | Path) -> tuple[list[Record], str]:
-    if isinstance(source, str) and source == BUNDLED_SAMPLE:
-        return _read_file(bundled_sample_path())
-    path = Path(source)
-    if path.exists():
-        return _read_file(path)
-    if isinstance(source, Path) or path.suffix.lower() in _READERS or not _HUB_NAME.match(source):
-        raise DatasetError(f"no such file or folder: {source}")
-    return _read_hub(source), f"hub dataset {source}"
-
-
-def _read_file(path: Path) -> tuple[list[Record], str]:
-    if path.is_dir():
-        folder, path = path, path / DATASET_FILENAME
-        if not path.is_file():
-            raise DatasetError(f"folder {folder} has no {DATASET_FILENAME}")
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        known = ", ".join(sorted(_READERS))
-        raise DatasetError(f"unsupported file type {path.suffix or '(none)'!r} for {path}; expected {known}")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"empty file: {path}")
-    return reader(path), str(path)
-
-
-def _read_csv(path: Path) -> list[Record]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise DatasetError(f"empty file: {path}")
-        # An empty CSV cell is a null; stray extra fields (key None) are ignored.
-        return [{k: (v if v != "" else None) for k, v in rec.items() if k is not None} for rec in reader]
-
-
-def _read_jsonl(path: Path) -> list[Record]:
-    records: list[Record] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}: line {line_no} is not a JSON object")
-            records.append(record)
-    if not records:
-        raise DatasetError(f"empty file: {path}")  # blank lines only
-    return records
-
-
-def _read_parquet(path: Path) -> list[Record]:
-    import pyarrow.parquet as pq  # heavy, and only needed for this format
-
-    records: list[Record] = pq.read_table(path).to_pylist()
-    return records
-
-
-_READERS: dict[str, Callable[[Path], list[Record]]] = {
-    ".csv": _read_csv,
-    ".jsonl": _read_jsonl,
-    ".parquet": _read_parquet,
-}
-
-
-def _read_hub(name: str) -> list[Record]:
-    try:
-        from datasets import load_dataset  # heavy, and needs a network
-    except ImportError as exc:  # pragma: no cover - datasets ships with the train extra
-        raise DatasetError(f"loading hub dataset {name} needs the 'datasets' package (big5chat[train])") from exc
-    records: list[Record] = load_dataset(name, split="train").to_list()
-    return records
-
-
-def _cell(value: Any) -> Any:
-    """A cell with NaN (pandas/JSON nulls) mapped to None."""
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def _text(value: Any) -> str:
-    return "" if (value := _cell(value)) is None else str(value)
-
-
-def _scenario_id(value: Any) -> str | None:
-    value = _cell(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # an int column with nulls read as float
-    return None if value is None else (str(value).strip() or None)
-
-
-def _label(parse: Callable[[str], Trait | Level], value: Any) -> Any:
-    try:
-        return parse(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def _where(bad: dict[str, list[int]], limit: int = 5) -> str:
-    """``'x' at rows 3, 7; null at row 9`` (1-based row numbers, header excluded)."""
-    items = []
-    for value, row_nos in list(bad.items())[:limit]:
-        shown = ", ".join(str(n) for n in row_nos[:limit]) + (" and more" if len(row_nos) > limit else "")
-        items.append(f"{value} at row{'s' if len(row_nos) > 1 else ''} {shown}")
-    return "; ".join(items) + (" and more" if len(bad) > limit else "")
-
-
-def _to_rows(records: Sequence[Record], origin: str) -> list[Row]:
-    """Check columns and label values of every record, then convert; raise one error naming every problem."""
-    if not records:
-        raise DatasetError(f"no rows in {origin}")
-    columns: set[str] = set()
-    for record in records:
-        columns.update(record)
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
-        raise DatasetError(f"{origin}: missing required column(s): {', '.join(missing)}")
-    bad: dict[str, dict[str, list[int]]] = {"original_index": {}, "trait": {}, "level": {}}
-    rows: list[Row] = []
-    for row_no, record in enumerate(records, start=1):
-        scenario = _scenario_id(record.get("original_index"))
-        trait = _label(Trait.parse, _cell(record.get("trait")))
-        level = _label(lambda v: Level(v.strip().lower()), _cell(record.get("level")))
-        for column, parsed in (("original_index", scenario), ("trait", trait), ("level", level)):
-            if parsed is None:
-                value = _cell(record.get(column))
-                bad[column].setdefault("null" if value is None else repr(value), []).append(row_no)
-        if scenario is not None and trait is not None and level is not None:
-            instruction = _text(record.get("train_instruction")).strip() or None
-            speaker_x, speaker_y = _text(record.get("train_input")), _text(record.get("train_output"))
-            rows.append(Row(scenario, trait, level, speaker_x, speaker_y, instruction))
-    problems = []
-    if bad["original_index"]:
-        problems.append(f"null original_index: {_where(bad['original_index'])}")
-    if bad["trait"]:
-        expected = ", ".join(t.value for t in TRAITS)
-        problems.append(f"unknown trait value(s): {_where(bad['trait'])} (expected one of {expected})")
-    if bad["level"]:
-        problems.append(f"unknown level value(s): {_where(bad['level'])} (expected high or low)")
-    if problems:
-        raise DatasetError(f"{origin}: " + "; ".join(problems))
-    return rows
-
-
-# ----------------------------------------------------------------------------- filtering
-
-_REFUSALS = re.compile(
-    "|".join(
-        [
-            r"\bI (?:cannot|can ?not|can't|won't|will not) (?:create|generate|write|produce|provide) "
-            r"(?:content|a (?:response|dialogue|conversation|story|reply))",
-            r"\bI (?:cannot|can ?not|can't) (?:assist|fulfill|comply)\b",
-            r"\bI (?:cannot|can ?not|can't|won't) (?:help|engage) with (?:that|this|your) request",
-            r"\bI'm sorry,? but I (?:cannot|can ?not|can't) (?:create|generate|write|fulfill|assist|comply|"
-            r"provide|engage|continue|help with (?:that|this) request)",
-            r"\bas an AI\b",
-            r"\bas an? (?:large )?language model\b",
-            r"\bI'm (?:just )?an AI\b",
-        ]
-    ),
-    re.IGNORECASE,
-)
-"""Model refusal boilerplate. Plain "I can't help" is left alone: a low-agreeableness speaker says it."""
-
-_STAGE_DIRECTION = re.compile(r"\*[^*\n]*[^\W\d_][^*\n]*\*|\([^()\n]*[^\W\d_][^()\n]*\)")
-"""``*sighs*`` or ``(laughs nervously)``: narration the paper lists as an artifact of the generator."""
-
-_PUNCTUATION = re.compile(r"[^\w\s]")
-
-
-def near_duplicate_key(text: str) -> str:
-    """The text as compared for near duplicates: NFKC, lower case, punctuation removed, spaces collapsed."""
-    text = _PUNCTUATION.sub("", unicodedata.normalize("NFKC", text).lower())
-    return " ".join(text.split())
-
-
-def _is_null_text(text: str) -> bool:
-    return text.strip().lower() in _NULL_TEXTS
-
-
-@dataclass
-class FilterReport:
-    """How many rows :func:`filter_artifacts` dropped, by the first reason that applied."""
-
-    total_in: int = 0
-    null: int = 0
-    refusal: int = 0
-    stage_direction: int = 0
-    exact_duplicate: int = 0
-    near_duplicate: int = 0
-    kept: int = 0
-
-    REASONS: ClassVar[tuple[str, ...]] = ("null", "refusal", "stage_direction", "exact_duplicate", "near_duplicate")
-
-    @property
-    def dropped(self) -> int:
-        return sum(getattr(self, reason) for reason in self.REASONS)
-
-    def format(self) -> str:
-        """A plain-text table: one line per reason, then totals, with shares of the input."""
-
-        def line(label: str, count: int) -> str:
-            share = 100.0 * count / self.total_in if self.total_in else 0.0
-            return f"{label:<17}{count:>9}{share:>8.1f}%"
-
-        lines = [f"{'reason':<17}{'rows':>9}{'share':>9}"]
-        lines += [line(reason.replace("_", " "), getattr(self, reason)) for reason in self.REASONS]
-        lines += ["-" * 35, line("dropped", self.dropped), line("kept", self.kept)]
-        lines.append(f"{'total in':<17}{self.total_in:>9}")
-        return "\n".join(lines)
-
-
-def filter_artifacts(records: Iterable[Row]) -> tuple[list[Row], FilterReport]:
-    """Drop the known artifacts of the released data; each dropped row is counted once, first reason wins.
-
-    In order: a null or empty Speaker X or Speaker Y text; refusal boilerplate in the reply; a
-    stage direction (``*...*`` or ``(...)`` around words) in the reply (dropped, never rewritten);
-    a reply identical (after trimming surrounding whitespace) to an earlier kept reply; a near
-    duplicate: a reply whose :func:`near_duplicate_key` equals an earlier kept reply's. Duplicates
-    are looked for across the whole input, not only within a trait, so the same reply given at both
-    levels of a trait (a DPO pair with chosen == rejected) is caught. One dict lookup per row.
-    """
-    report = FilterReport()
-    kept: list[Row] = []
-    seen_exact: set[str] = set()
-    seen_near: set[str] = set()
-    for row in records:
-        report.total_in += 1
-        reply = row.speaker_y.strip()
-        if _is_null_text(row.speaker_x) or _is_null_text(reply):
-            report.null += 1
-            continue
-        if _REFUSALS.search(reply.replace("\u2019", "'")):
-            report.refusal += 1
-            continue
-        if _STAGE_DIRECTION.search(reply):
-            report.stage_direction += 1
-            continue
-        if reply in seen_exact:
-            report.exact_duplicate += 1
-            continue
-        near = near_duplicate_key(reply)
-        if near in seen_near:
-            report.near_duplicate += 1
-            continue
-        seen_exact.add(reply)
-        seen_near.add(near)
-        kept.append(row)
-    report.kept = len(kept)
-    return kept, report
-
-
-# ----------------------------------------------------------------------------- selection and splits
-
-
-def split_by_scenario(rows: Sequence[Row], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """(train, test), with a scenario's rows always on one side.
-
-    A scenario goes to test when the hash of (seed, scenario id) falls below ``test_fraction``, so
-    its side depends on nothing else in the data (a filtered subset splits the same way); the test
-    share of scenarios is therefore ``test_fraction`` in expectation, not exactly. Order is kept.
-    """
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    side: dict[str, bool] = {}
-    train: list[Row] = []
-    test: list[Row] = []
-    for row in rows:
-        in_test = side.get(row.scenario)
-        if in_test is None:
-            digest = hashlib.sha256(f"{seed}\x00{row.scenario}".encode()).digest()
-            in_test = side[row.scenario] = int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction
-        (test if in_test else train).append(row)
-    return train, test
-
-
-def select(rows: Iterable[Row], trait: Trait | None = None, level: Level | None = None) -> list[Row]:
-    """The rows of one trait and/or level (None matches all)."""
-    return [r for r in rows if (trait is None or r.trait is trait) and (level is None or r.level is level)]
-
-
-# ----------------------------------------------------------------------------- TRL examples
-
-
-def _instruction(row: Row, layout: Layout) -> str | None:
+def _instruction(row: Row, layout: Layout) -> str | None:  # the per-trait layout has none
     return unified_instruction(row.trait, row.level) if layout == "unified" else None
 
 
@@ -392,7 +85,7 @@ def _check_layout(rows: Sequence[Row], layout: Layout) -> None:
             )
 
 
-def sft_examples(rows: Sequence[Row], layout: Layout) -> list[Example]:
+def sft_examples(rows: Sequence[Row], layout: Layout, placement: InstructionPlacement = "user") -> list[Example]:
     """TRL conversational SFT examples ``{"messages": [user, assistant]}``.
 
     unified: the user turn is the paper's instruction, a blank line, then Speaker X's words (the
@@ -400,20 +93,45 @@ def sft_examples(rows: Sequence[Row], layout: Layout) -> list[Example]:
     user turn is Speaker X's words alone, and all rows must share one trait-level condition.
     """
     _check_layout(rows, layout)
-    return [{"messages": training_messages(_instruction(r, layout), r.speaker_x, r.speaker_y)} for r in rows]
+    return [{"messages": training_messages(_instruction(r, layout), r.speaker_x, r.speaker_y, placement)} for r in rows]
+
+
+@dataclass
+class PairReport:
+    """Targets of :func:`dpo_pairs` that made no pair, by reason."""
+
+    unpaired: int = 0
+    """no row with the same scenario and trait at the opposite level"""
+    mismatched_speaker_x: int = 0
+    """a partner exists but answers a different Speaker X turn (compared by :func:`near_duplicate_key`)"""
+
+    @property
+    def skipped(self) -> int:
+        return self.unpaired + self.mismatched_speaker_x
+
+    def __iadd__(self, other: PairReport) -> PairReport:
+        self.unpaired += other.unpaired
+        self.mismatched_speaker_x += other.mismatched_speaker_x
+        return self
 
 
 def dpo_pairs(
-    rows: Sequence[Row], layout: Layout, *, trait: Trait | None = None, level: Level | None = None
-) -> tuple[list[Example], int]:
-    """TRL conversational preference pairs ``{"prompt", "chosen", "rejected"}`` and the unpaired count.
+    rows: Sequence[Row],
+    layout: Layout,
+    *,
+    trait: Trait | None = None,
+    level: Level | None = None,
+    placement: InstructionPlacement = "user",
+) -> tuple[list[Example], PairReport]:
+    """TRL conversational preference pairs ``{"prompt", "chosen", "rejected"}`` and what was skipped.
 
     Every row matching ``trait``/``level`` (all rows by default) is a target: chosen is its reply,
     rejected the reply of the first row with the same scenario and trait at the opposite level,
-    looked up among all ``rows``. Targets without such a partner are skipped and counted. The prompt
-    is built as in :func:`sft_examples` (unified: the instruction of the chosen level). For a
-    per-trait adapter pass all rows of the trait and select the target condition with
-    ``trait``/``level``, so the partners can be found.
+    looked up among all ``rows``. A target without such a partner, or whose partner answers another
+    Speaker X turn (the rejected reply would then not answer the prompt), is skipped and counted,
+    never paired. The prompt is built as in :func:`sft_examples` (unified: the instruction of the
+    chosen level). For a per-trait adapter pass all rows of the trait and select the target
+    condition with ``trait``/``level``, so the partners can be found.
     """
     targets = select(rows, trait, level)
     _check_layout(targets, layout)
@@ -421,29 +139,29 @@ def dpo_pairs(
     for row in rows:
         partners.setdefault((row.scenario, row.trait, row.level), row)
     pairs: list[Example] = []
-    unpaired = 0
+    report = PairReport()
     for row in targets:
         partner = partners.get((row.scenario, row.trait, row.level.opposite))
         if partner is None:
-            unpaired += 1
+            report.unpaired += 1
+            continue
+        if near_duplicate_key(partner.speaker_x) != near_duplicate_key(row.speaker_x):
+            report.mismatched_speaker_x += 1
             continue
         pairs.append(
             {
-                "prompt": training_messages(_instruction(row, layout), row.speaker_x, None),
+                "prompt": training_messages(_instruction(row, layout), row.speaker_x, None, placement),
                 "chosen": [ChatMessage(role="assistant", content=row.speaker_y.strip())],
                 "rejected": [ChatMessage(role="assistant", content=partner.speaker_y.strip())],
             }
         )
-    if unpaired:
-        logger.info("dpo_pairs: %d of %d target rows have no opposite-level partner", unpaired, len(targets))
-    return pairs, unpaired
-
-
-def dataset_hash(rows: Iterable[Row]) -> str:
-    """sha256 (hex) of the rows in order: one compact JSON array per row, newline-separated."""
-    digest = hashlib.sha256(b"big5chat-rows-v1\n")
-    for r in rows:
-        values = [r.scenario, r.trait.value, r.level.value, r.speaker_x, r.speaker_y, r.instruction]
-        digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+    if report.skipped:
+        logger.info(
+            "dpo_pairs: %d of %d target rows skipped (%d without an opposite-level partner, %d whose partner "
+            "answers another Speaker X turn)",
+            report.skipped,
+            len(targets),
+            report.unpaired,
+            report.mismatched_speaker_x,
+        )
+    return pairs, report

@@ -20,6 +20,7 @@ from trainer import dataset as ds
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], str | None]  # a reason to stop training now (lease lost, cancelled), or None
 
 
 @dataclass
@@ -28,7 +29,9 @@ class PreparedData:
     test: list[dict[str, Any]]
     dataset_hash: str
     report: str
-    unpaired: int = 0
+    pairs: ds.PairReport = field(default_factory=ds.PairReport)
+    init_adapter: str | None = None
+    """folder of the adapter training starts from (``TrainSpec.init_from``, resolved by the worker)"""
 
 
 @dataclass
@@ -40,14 +43,12 @@ class TrainResult:
     train_tokens: int
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why training ended early (nothing was evaluated or saved)
 
 
 def load_dataset_rows(spec: TrainSpec) -> tuple[list[ds.Row], str]:
     """Load, validate and filter the dataset; raises DatasetError before any training."""
-    rows = ds.load_rows(spec.dataset)
-    kept, report = ds.filter_artifacts(rows)
-    if not kept:
-        raise ds.DatasetError(f"dataset {spec.dataset!r}: no rows left after filtering\n{report.format()}")
+    kept, report = ds.load_filtered(spec.dataset)
     return kept, report.format()
 
 
@@ -57,22 +58,33 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
     rows = [r for r in rows if (r.trait, r.level) in wanted or spec.method == "dpo"]
     train_rows, test_rows = ds.split_by_scenario(rows, spec.test_fraction, spec.seed)
 
-    def build(part: list[ds.Row]) -> tuple[list[dict[str, Any]], int]:
+    def build(part: list[ds.Row]) -> tuple[list[dict[str, Any]], ds.PairReport]:
         if spec.method == "sft":
             chosen = [r for r in part if (r.trait, r.level) in wanted] if target is None else ds.select(part, *target)
-            examples = ds.sft_examples(chosen, spec.layout)
+            examples = ds.sft_examples(chosen, spec.layout, spec.instruction_placement)
             # prompt/completion form: TRL then trains on the reply tokens only
-            return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples], 0
+            return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples], ds.PairReport()
         pairs: list[dict[str, Any]] = []
-        unpaired = 0
+        skipped = ds.PairReport()
         targets = [target] if target is not None else sorted(wanted)
         for trait, level in targets:
-            got, missing = ds.dpo_pairs(ds.select(part, trait), spec.layout, trait=trait, level=level)
+            got, missing = ds.dpo_pairs(
+                ds.select(part, trait), spec.layout, trait=trait, level=level, placement=spec.instruction_placement
+            )
             pairs += got
-            unpaired += missing
-        return pairs, unpaired
+            skipped += missing
+        return pairs, skipped
 
-    train, unpaired = build(train_rows)
+    train, skipped = build(train_rows)
+    if skipped.skipped:
+        logger.info(
+            "%s: %d DPO target row(s) skipped: %d without an opposite-level partner, %d whose partner answers "
+            "another Speaker X turn",
+            target or "unified",
+            skipped.skipped,
+            skipped.unpaired,
+            skipped.mismatched_speaker_x,
+        )
     test, _ = build(test_rows)
     if spec.max_train_rows is not None:
         import random
@@ -81,7 +93,7 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
         train = train[: spec.max_train_rows]
     if not train:
         raise ds.DatasetError(f"no training examples for {target or 'the unified adapter'} in {spec.dataset!r}")
-    return PreparedData(train, test, ds.dataset_hash(train_rows), report, unpaired)
+    return PreparedData(train, test, ds.dataset_hash(train_rows), report, skipped)
 
 
 def _peft_config(spec: TrainSpec) -> Any:
@@ -133,6 +145,43 @@ def _progress_callback(progress: ProgressFn | None) -> Any:
     return _Progress()
 
 
+def _stop_callback(should_stop: StopFn | None) -> Any:
+    """Ends training at the end of the step during which ``should_stop`` starts giving a reason.
+
+    The step's checkpoint and evaluation are skipped: a worker that lost its lease must not write
+    where the new owner reads. Under a launcher with several ranks, rank 0's answer is broadcast
+    every step, so all ranks stop at the same step (a rank that stopped alone would hang the others
+    in their next collective).
+    """
+    from transformers import TrainerCallback
+
+    class _StopWhen(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.reason: str | None = None
+            self.step: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            reason = should_stop() if should_stop is not None else None
+            if int(getattr(args, "world_size", 1)) > 1:
+                import torch
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    flag = torch.tensor([1 if reason else 0], device=args.device)
+                    dist.broadcast(flag, src=0)
+                    if flag.item() and reason is None:
+                        reason = "stopped by rank 0"
+            if reason and self.reason is None:
+                self.reason, self.step = reason, int(state.global_step)
+                logger.warning("Stopping training at step %d of %d: %s", state.global_step, state.max_steps, reason)
+            if self.reason:
+                control.should_training_stop = True
+                control.should_save = False
+                control.should_evaluate = False
+
+    return _StopWhen()
+
+
 def _fast_sft_trainer() -> Any:
     from trl import SFTTrainer
 
@@ -140,7 +189,8 @@ def _fast_sft_trainer() -> Any:
         """SFTTrainer whose loss is the model's own cross-entropy.
 
         TRL 1.16 patches in a chunked "fused LM head" loss that is ~1.5x slower without Triton (CPU);
-        the values are the same. Token accuracy metrics are dropped.
+        the values are the same. Token accuracy metrics are dropped. Used on CPU only: on a GPU TRL's
+        own loss (with Triton) stays.
         """
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
@@ -149,6 +199,27 @@ def _fast_sft_trainer() -> Any:
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     return FastSFTTrainer
+
+
+def sft_trainer_class(use_cpu: bool) -> Any:
+    """The SFT trainer: on CPU with the plain cross-entropy loss (measured faster there), else TRL's own."""
+    from trl import SFTTrainer
+
+    return _fast_sft_trainer() if use_cpu else SFTTrainer
+
+
+def _quiet_logs(trainer: Any, show_progress_bar: bool) -> None:
+    """A progress bar (or nothing), never the raw log dicts the Trainer prints; losses still reach ``progress``."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarOnly(ProgressCallback):  # type: ignore[misc]
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if show_progress_bar:
+        trainer.add_callback(_BarOnly())
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -168,6 +239,7 @@ def train_adapter(
     progress: ProgressFn | None = None,
     use_cpu: bool | None = None,
     show_progress_bar: bool = True,
+    should_stop: StopFn | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter and save its files to ``output_dir`` (None: do not save).
 
@@ -175,6 +247,9 @@ def train_adapter(
     from the newest checkpoint there; a path resumes from that one, None starts afresh. Under a
     launcher with several processes (``trainer.ranks``) every rank calls this with the same
     arguments, the main one's resume point, and only the main one an ``output_dir``.
+
+    ``should_stop`` is asked after every step; once it gives a reason, training ends after that step
+    without evaluating or saving anything, and the result's ``stopped`` carries the reason.
     """
     import torch
     from datasets import Dataset
@@ -187,6 +262,12 @@ def train_adapter(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    peft_config = _peft_config(spec)
+    if data.init_adapter is not None:  # continue from a trained adapter (e.g. DPO after SFT); ref = base
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, data.init_adapter, is_trainable=True)
+        peft_config = None
 
     common: dict[str, Any] = dict(
         output_dir=str(checkpoint_dir),
@@ -210,14 +291,17 @@ def train_adapter(
         disable_tqdm=not show_progress_bar,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # TRL turns it on by default; on a CPU it costs a third more compute for memory a small model does not need
+        gradient_checkpointing=(not use_cpu) if spec.gradient_checkpointing is None else spec.gradient_checkpointing,
     )
     train_ds = Dataset.from_list(data.train)
     eval_ds = Dataset.from_list(data.test) if (spec.eval and data.test) else None
-    callbacks = [_progress_callback(progress)]
+    stopper = _stop_callback(should_stop)
+    callbacks = [_progress_callback(progress), stopper]
     if spec.method == "sft":
         from trl import SFTConfig
 
-        trainer_cls = _fast_sft_trainer()
+        trainer_cls = sft_trainer_class(use_cpu)
         args = SFTConfig(**common, completion_only_loss=True, packing=False)
     else:
         from trl import DPOConfig, DPOTrainer
@@ -230,9 +314,10 @@ def train_adapter(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=_peft_config(spec),
+        peft_config=peft_config,
         callbacks=callbacks,
     )
+    _quiet_logs(trainer, show_progress_bar)
 
     if resume == "auto":
         resume = latest_checkpoint(checkpoint_dir)
@@ -243,6 +328,16 @@ def train_adapter(
     started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
+    if stopper.reason is not None:
+        return TrainResult(
+            train_loss=None,
+            eval_loss=None,
+            steps=int(trainer.state.global_step),
+            seconds=seconds,
+            train_tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+            world_size=int(trainer.args.world_size),
+            stopped=stopper.reason,
+        )
     eval_loss: float | None = None
     if eval_ds is not None:
         metrics = trainer.evaluate()

@@ -3,7 +3,13 @@
 Several workers on several machines can share one database and one adapter store. A worker that
 dies loses its lease; after ``lease_seconds`` another worker claims the job and resumes from the
 last checkpoint. Adapters already published by an earlier attempt are recorded in the job row and
-skipped.
+skipped. A job whose workers die on every attempt ends ``failed`` after ``max_attempts``.
+
+Each attempt writes its checkpoints to a folder of its own, ``checkpoints/<job>/attempt-<n>/<adapter>``
+(recorded in the job's ``checkpoint_dir``), and resumes explicitly from the newest complete
+checkpoint of the attempts before it (recorded in the job's progress as ``resumed_from``): a worker
+that lost its lease never writes where the new owner reads. The heartbeat thread notices a lost
+lease or a cancel; training then stops at the end of the current step, and nothing is published.
 
 Under ``accelerate launch`` the worker is the main rank of a group (``trainer.ranks``): it alone uses
 the database and the adapter store, and tells the other ranks what to train.
@@ -27,7 +33,9 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core import jobs, migrate, registry
+from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
 from big5core.db import engine_for, session_factory, transaction
+from big5core.errors import Conflict
 from big5core.models import TrainingJob
 from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
@@ -38,8 +46,19 @@ from trainer.ranks import Order, RankGroup, RanksOutOfStep
 logger = logging.getLogger(__name__)
 
 
-class LeaseLost(RuntimeError):
-    pass
+class LeaseLost(Conflict, RuntimeError):
+    """Another worker holds the job now (this worker's lease expired)."""
+
+    code, title = "lease-lost", "The job's lease was lost"
+
+
+class JobCancelled(Conflict, RuntimeError):
+    """The job was cancelled while this worker ran it."""
+
+    code, title = "training-job-cancelled", "The training job was cancelled"
+
+
+ATTEMPT_PREFIX = "attempt-"
 
 
 class _Heartbeat(threading.Thread):
@@ -53,9 +72,28 @@ class _Heartbeat(threading.Thread):
         self.lease = settings.trainer.lease_seconds
         self.interval = settings.trainer.heartbeat_seconds
         self.progress: dict[str, Any] = {}
-        self.lost = False
+        self.ended: jobs.LeaseState | None = None  # LOST or CANCELLED, once a renewal failed
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+
+    @property
+    def lost(self) -> bool:
+        return self.ended is not None
+
+    def stop_reason(self) -> str | None:
+        """Why training must stop now (read by the trainer callback after every step), or None."""
+        if self.ended is jobs.LeaseState.CANCELLED:
+            return f"job {self.job_id} was cancelled"
+        if self.ended is not None:
+            return f"the lease on job {self.job_id} was lost"
+        return None
+
+    def check(self) -> None:
+        """Raise JobCancelled or LeaseLost if a renewal found the job gone."""
+        if self.ended is jobs.LeaseState.CANCELLED:
+            raise JobCancelled(self.job_id)
+        if self.ended is not None:
+            raise LeaseLost(self.job_id)
 
     def update(self, info: dict[str, Any]) -> None:
         with self._lock:
@@ -71,13 +109,20 @@ class _Heartbeat(threading.Thread):
         try:
             with transaction(self.sessions) as session:
                 if not jobs.heartbeat(session, self.job_id, self.owner, self.lease, progress):
-                    self.lost = True
+                    state = jobs.lease_state(session, self.job_id, self.owner)
+                    if state is not jobs.LeaseState.HELD and self.ended is None:
+                        self.ended = state
+                        logger.warning(
+                            "Job %s: %s (noticed at step %s)", self.job_id, self.stop_reason(), progress.get("step")
+                        )
         except Exception:  # a database blip must not kill training; the lease covers it
             logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             self.beat()
+            if self.ended is not None:
+                return
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -91,12 +136,14 @@ class Worker:
         migrate.ensure_current(settings.resolved_database_url)
         self.engine = engine_for(settings)
         self.sessions = session_factory(self.engine)
+        self.judge: TraitScorer | None = None  # datagen jobs' trait judge, set by the composition root
 
     # ------------------------------------------------------------------ loop
     def run(self, *, once: bool = False, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
         """Process jobs until stopped; returns how many were processed."""
         done = 0
         while max_jobs is None or done < max_jobs:
+            self._reap()
             with transaction(self.sessions) as session:
                 job = jobs.claim_next(session, self.owner, self.settings.trainer.lease_seconds)
                 job_id = job.id if job else None
@@ -117,12 +164,21 @@ class Worker:
             with self.sessions() as session:
                 if jobs.get_job(session, job_id).state not in ("queued", "running"):
                     return
+            self._reap()
             with transaction(self.sessions) as session:
                 claimed = jobs.claim_next(session, self.owner, self.settings.trainer.lease_seconds, job_id)
             if claimed is not None:
                 self.process(job_id)
             else:
                 self._wait()  # another worker holds it
+
+    def _reap(self) -> None:
+        """Fail the jobs whose workers died on every attempt; remove their staging (checkpoints stay)."""
+        with transaction(self.sessions) as session:
+            reaped = jobs.reap_exhausted(session)
+        for job_id in reaped:
+            logger.warning("Job %s: its worker died on every attempt; failed (checkpoints kept)", job_id)
+            self._remove_staging_of(job_id)
 
     def _wait(self) -> None:
         if self.group is not None:
@@ -135,15 +191,27 @@ class Worker:
             job = jobs.get_job(session, job_id)
             raw_spec, result, attempt = dict(job.spec), dict(job.result or {}), job.attempts
         logger.info("Job %s: attempt %d by %s", job_id, attempt, self.owner)
-        self._remove_staging_of(job_id)
+        self._remove_staging_of(job_id, before_attempt=attempt)
+        attempt_dir = self._job_checkpoints(job_id) / f"{ATTEMPT_PREFIX}{attempt}"
         beat = _Heartbeat(self.sessions, job_id, self.owner, self.settings)
-        beat.update({"attempt": attempt, "phase": "loading data"})
+        beat.update({"attempt": attempt, "phase": "loading data", "checkpoint_dir": str(attempt_dir)})
+        with transaction(self.sessions) as session:
+            jobs.start_attempt(session, job_id, self.owner, str(attempt_dir))
         beat.beat()
         beat.start()
         try:
-            spec = TrainSpec.model_validate(raw_spec)
-            state = self._train_all(job_id, spec, result, beat)
-        except (DatasetError, ValidationError, registry.RegistryError) as exc:
+            beat.check()
+            if raw_spec.get("kind") == DATAGEN_KIND:  # issue 16: data generation shares the queue
+                from trainer.datagen.job import run_datagen_job
+
+                state = run_datagen_job(
+                    self.sessions, self.settings, self.owner, job_id, raw_spec, beat,
+                    judge=self.judge, show_progress_bar=sys.stderr.isatty(),
+                )  # fmt: skip
+            else:
+                spec = TrainSpec.model_validate(raw_spec)
+                state = self._train_all(job_id, spec, result, beat, attempt, attempt_dir)
+        except (DatasetError, DatagenError, ValidationError, registry.RegistryError) as exc:
             state = self._fail(job_id, f"{type(exc).__name__}: {exc}", retryable=False)
         except RanksOutOfStep as exc:
             logger.exception("Job %s failed while the ranks trained together; ending the launch", job_id)
@@ -151,7 +219,13 @@ class Worker:
             raise
         except LeaseLost:
             logger.warning("Job %s: lease lost to another worker; abandoning this attempt", job_id)
+            self._remove_staging_of(job_id, attempt=attempt)  # checkpoints stay: the new owner may resume
             state = "lost"
+        except JobCancelled:
+            logger.warning("Job %s: cancelled; nothing more is published", job_id)
+            self._remove_staging_of(job_id)
+            shutil.rmtree(self._job_checkpoints(job_id), ignore_errors=True)
+            state = "cancelled"
         except Exception as exc:
             logger.exception("Job %s failed", job_id)
             state = self._fail(job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", retryable=True)
@@ -160,8 +234,26 @@ class Worker:
         logger.info("Job %s: %s", job_id, state)
         return state
 
-    def _train_all(self, job_id: str, spec: TrainSpec, result: dict[str, Any], beat: _Heartbeat) -> str:
-        from trainer.train import latest_checkpoint, load_dataset_rows, prepare, train_adapter
+    def _init_adapter(self, spec: TrainSpec, target: Any, base_id: str) -> Any:
+        """The registry adapter ``spec.init_from`` names for ``target`` (same layout and condition), if any."""
+        if spec.init_from is None:
+            return None
+        name = spec.model_copy(update={"name": spec.init_from}).adapter_name(target)
+        with self.sessions() as session:
+            adapter = registry.get(session, name)
+            if adapter.base_model != base_id:
+                raise registry.RegistryError(
+                    f"init_from adapter {adapter.ref} is for {adapter.base_model}, not {base_id}"
+                )
+            registry.verify(adapter)
+            session.expunge(adapter)
+        logger.info("%s starts from %s", spec.adapter_name(target), adapter.ref)
+        return adapter
+
+    def _train_all(
+        self, job_id: str, spec: TrainSpec, result: dict[str, Any], beat: _Heartbeat, attempt: int, attempt_dir: Path
+    ) -> str:
+        from trainer.train import load_dataset_rows, prepare, train_adapter
 
         rows, report = load_dataset_rows(spec)  # raises DatasetError before any training step
         logger.info("Job %s: dataset %s\n%s", job_id, spec.dataset, report)
@@ -174,13 +266,23 @@ class Worker:
             if name in published:
                 logger.info("Job %s: %s already published as %s", job_id, name, published[name])
                 continue
+            beat.check()
             data = prepare(spec, rows, report, target)
+            init = self._init_adapter(spec, target, base_id)
+            if init is not None:
+                data.init_adapter = init.path
+            checkpoints = attempt_dir / name
+            staged = self._staging(job_id, attempt)
+            resume = resume_point(self._job_checkpoints(job_id), name, attempt)
             beat.update(
-                {"phase": f"training {name}", "adapter": name, "adapter_index": index, "adapters": len(targets)}
+                {
+                    "phase": f"training {name}",
+                    "adapter": name,
+                    "adapter_index": index,
+                    "adapters": len(targets),
+                    "resumed_from": str(resume) if resume else None,
+                }
             )
-            checkpoints = self.settings.data_dir / "checkpoints" / job_id / name
-            staged = self._staging(job_id)
-            resume = latest_checkpoint(checkpoints)
             if self.group is not None:
                 self.group.send(
                     Order(
@@ -189,7 +291,7 @@ class Worker:
                         data=data,
                         base_model_path=base_path,
                         checkpoint_dir=checkpoints,
-                        resume=resume,
+                        resume=str(resume) if resume else None,
                     )
                 )
             try:
@@ -199,19 +301,33 @@ class Worker:
                     base_path,
                     staged,
                     checkpoints,
-                    resume=resume,
+                    resume=str(resume) if resume else None,
                     progress=beat.update,
                     show_progress_bar=sys.stderr.isatty(),
+                    should_stop=beat.stop_reason,
                 )
             except Exception as exc:
                 if self.group is not None:
                     raise RanksOutOfStep(f"training {name} on rank 0 of {self.group.world_size}") from exc
                 raise
-            if beat.lost:
+            if outcome.stopped is not None or beat.lost:
+                logger.warning(
+                    "Job %s: %s stopped at step %d (%s); not published",
+                    job_id,
+                    name,
+                    outcome.steps,
+                    outcome.stopped or beat.stop_reason(),
+                )
                 shutil.rmtree(staged, ignore_errors=True)
-                raise LeaseLost(job_id)
+                beat.check()
+                raise LeaseLost(job_id)  # stopped on another rank's word: treat as lost
             traits = {target[0].value: target[1].value} if target else {c: "trained" for c in spec.conditions}
             with transaction(self.sessions) as session:
+                if not jobs.hold(session, job_id, self.owner):  # locks the row: a cancel now waits for us
+                    shutil.rmtree(staged, ignore_errors=True)
+                    if jobs.lease_state(session, job_id, self.owner) is jobs.LeaseState.CANCELLED:
+                        raise JobCancelled(job_id)
+                    raise LeaseLost(job_id)
                 adapter = registry.publish(
                     session,
                     staged,
@@ -234,44 +350,91 @@ class Worker:
                         * spec.gradient_accumulation_steps
                         * outcome.world_size,
                         "job_id": job_id,
+                        "attempt": attempt,
+                        "resumed_from": str(resume) if resume else None,
                     },
                     dataset_hash=data.dataset_hash,
                     train_loss=outcome.train_loss,
                     eval_loss=outcome.eval_loss,
                     max_rank=self.settings.engine.max_lora_rank,
                 )
-                published[name] = adapter.ref
-                if not jobs.record_result(session, job_id, self.owner, {"adapters": published}, beat.snapshot()):
-                    raise LeaseLost(job_id)  # rolls back the registration too
-            shutil.rmtree(checkpoints, ignore_errors=True)
+                try:
+                    published[name] = adapter.ref
+                    if not jobs.record_result(session, job_id, self.owner, {"adapters": published}, beat.snapshot()):
+                        raise LeaseLost(job_id)  # cannot happen while hold() locks the row; rolls back if it does
+                except BaseException:
+                    registry.discard(adapter)  # the row is rolled back: its files must not stay
+                    raise
         with transaction(self.sessions) as session:
             if not jobs.succeed(
                 session, job_id, self.owner, {"adapters": published}, {**beat.snapshot(), "phase": "done"}
             ):
+                if jobs.lease_state(session, job_id, self.owner) is jobs.LeaseState.CANCELLED:
+                    raise JobCancelled(job_id)  # all adapters were published before the cancel
                 raise LeaseLost(job_id)
-        shutil.rmtree(self.settings.data_dir / "checkpoints" / job_id, ignore_errors=True)
+        shutil.rmtree(self._job_checkpoints(job_id), ignore_errors=True)
         return "succeeded"
 
     # ------------------------------------------------------------------ helpers
+    def _job_checkpoints(self, job_id: str) -> Path:
+        return self.settings.data_dir / "checkpoints" / job_id
+
     def _fail(self, job_id: str, error: str, *, retryable: bool) -> str:
         with transaction(self.sessions) as session:
             state = jobs.fail(session, job_id, self.owner, error, retryable=retryable)
         if state == "failed":
-            shutil.rmtree(self.settings.data_dir / "checkpoints" / job_id, ignore_errors=True)
+            logger.warning("Job %s failed; its checkpoints (if any) stay in %s", job_id, self._job_checkpoints(job_id))
         self._remove_staging_of(job_id)
         return state
 
-    def _staging(self, job_id: str) -> Path:
+    def _staging(self, job_id: str, attempt: int) -> Path:
         self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
-        path = self.settings.adapters_dir / f"{registry.STAGING_PREFIX}{job_id}-{uuid.uuid4().hex[:8]}"
+        path = self.settings.adapters_dir / f"{registry.STAGING_PREFIX}{job_id}-a{attempt}-{uuid.uuid4().hex[:8]}"
         path.mkdir()
         return path
 
-    def _remove_staging_of(self, job_id: str) -> None:
-        """Staging folders of this job belong to a dead attempt (we hold its lease now)."""
-        if self.settings.adapters_dir.is_dir():
-            for path in self.settings.adapters_dir.glob(f"{registry.STAGING_PREFIX}{job_id}-*"):
-                shutil.rmtree(path, ignore_errors=True)
+    def _remove_staging_of(self, job_id: str, *, attempt: int | None = None, before_attempt: int | None = None) -> None:
+        """Remove staging folders of this job: all, one attempt's, or those of the attempts before one.
+
+        A new attempt removes only its predecessors' (their owners lost the lease), never a live one's.
+        """
+        if not self.settings.adapters_dir.is_dir():
+            return
+        for path in self.settings.adapters_dir.glob(f"{registry.STAGING_PREFIX}{job_id}-*"):
+            tag = path.name[len(registry.STAGING_PREFIX) + len(job_id) + 1 :].split("-", 1)[0]
+            number = int(tag[1:]) if tag[:1] == "a" and tag[1:].isdigit() else 0
+            if attempt is not None and number != attempt:
+                continue
+            if before_attempt is not None and number >= before_attempt:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints in ``folder`` that were written to the end.
+
+    The Trainer writes ``trainer_state.json`` last, so a folder without it is a checkpoint cut short.
+    """
+    found: list[tuple[int, Path]] = []
+    if folder.is_dir():
+        for path in folder.glob("checkpoint-*"):
+            step = path.name.rsplit("-", 1)[-1]
+            if step.isdigit() and (path / "trainer_state.json").is_file():
+                found.append((int(step), path))
+    return sorted(found)
+
+
+def resume_point(job_checkpoints: Path, adapter: str, attempt: int) -> Path | None:
+    """The newest complete checkpoint of ``adapter`` written by an attempt before ``attempt``.
+
+    The most recent attempt that got as far as a checkpoint wins (the step counts of earlier
+    attempts can only be lower or equal, since each resumed from its predecessor).
+    """
+    for number in range(attempt - 1, 0, -1):
+        found = _complete_checkpoints(job_checkpoints / f"{ATTEMPT_PREFIX}{number}" / adapter)
+        if found:
+            return found[-1][1]
+    return None
 
 
 def submit(settings: Settings, spec: TrainSpec) -> str:

@@ -1,4 +1,4 @@
-"""Admin: queue training jobs (a worker picks them up) and follow them."""
+"""Admin: queue training jobs (a worker picks them up), follow them, cancel them."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def create_training_job(spec: TrainSpec, session: SessionDep, state: StateDep, r
 def get_training_job(job_id: str, session: SessionDep) -> JobOut:
     """State, attempts, progress, error and result (the adapters it registered)."""
     return JobOut.model_validate(jobs.get_job(session, job_id), from_attributes=True)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=problems(401, 403, 404, 409))
+def cancel_training_job(job_id: str, session: SessionDep) -> JobOut:
+    """Cancel a queued or running job. A running one stops at its worker's next heartbeat, at the end of
+    the current training step; an adapter is either fully published before the cancel or not at all.
+    Cancelling a cancelled job changes nothing; a job that already succeeded or failed is a 409."""
+    job = jobs.cancel(session, job_id)
+    session.commit()
+    return JobOut.model_validate(job, from_attributes=True)

@@ -19,6 +19,9 @@ TABLES = {
     "assessments",
     "item_responses",
     "trait_scores",
+    "reasoning_runs",
+    "reasoning_results",
+    "reasoning_items",
 }
 
 

@@ -391,3 +391,72 @@ def test_explicit_adapter_errors(env: Env) -> None:
         resolver.resolve(PersonaSpec(adapter="unfinished@1"))
     with pytest.raises(PersonaNotFound, match="nope"):
         resolver.resolve(PersonaSpec(adapter="nope@2"))
+
+
+def test_no_traits_and_no_method_is_direct(env: Env) -> None:
+    """The design's default: a request that asks for nothing gets no persona (not a 400)."""
+    for nothing in (PersonaSpec(), PersonaSpec(traits=None), PersonaSpec.model_validate({"traits": {"openness": 0}})):
+        resolved = env.resolver().resolve(nothing)
+        assert resolved.method is Method.DIRECT and resolved.key == "big5/direct" and resolved.adapter_name is None
+    with pytest.raises(PersonaError, match="nonzero trait"):  # a method named without traits still says why
+        env.resolver().resolve(PersonaSpec(method=Method.SFT))
+    assert env.resolver().resolve(PersonaSpec.model_validate({"traits": {"openness": 1}})).method is Method.SFT
+
+
+# -- the paper's prompts (issue 12) ----------------------------------------------------------------
+
+
+def test_prompt_demo_is_the_authors_text_with_nothing_after_the_examples(env: Env) -> None:
+    from big5core.demos import demo_examples
+    from big5core.prompts import PROMPT_DEMO_HEADER, prompt_demo
+
+    texts = [f"reply {i}" for i in range(10)]
+    assert prompt_demo(texts) == PROMPT_DEMO_HEADER + "\n\n" + "\n".join(
+        f"Example {i + 1}: reply {i}" for i in range(10)
+    )
+    assert PROMPT_DEMO_HEADER.startswith("Here are 10 examples of how people like you have responded")
+    with pytest.raises(ValueError, match="exactly 10"):
+        prompt_demo(texts[:9])
+    resolved = env.resolver(demo=demo_examples).resolve(spec("demo", extraversion="high"))
+    assert resolved.prefix is not None and "Now respond" not in resolved.prefix
+    assert "extraversion" not in resolved.prefix.split("\n")[0]  # the trait-level is never named
+    (provenance,) = resolved.report()["parts"]
+    assert provenance["demo_seed"] == 0 and provenance["filtered"] is True
+    assert len(provenance["demo_scenarios"]) == 10
+
+
+def test_demos_are_seeded_random_draws_from_the_filtered_data() -> None:
+    from big5core.dataset import BUNDLED_REAL, filter_artifacts, load_rows
+    from big5core.demos import demo_examples
+
+    kept, _ = filter_artifacts(load_rows(BUNDLED_REAL))
+    arm = {r.speaker_y.strip() for r in kept if r.trait is Trait.OPENNESS and r.level is Level.LOW}
+    first = demo_examples(Trait.OPENNESS, Level.LOW)
+    assert len(first) == 10 and set(first) <= arm  # only filtered rows of the target arm
+    assert demo_examples(Trait.OPENNESS, Level.LOW) == first  # seeded: reproducible
+    other = demo_examples(Trait.OPENNESS, Level.LOW, seed=1)
+    assert other != first and other.provenance[0]["demo_seed"] == 1
+    in_file_order = sorted(
+        (r for r in kept if r.trait is Trait.OPENNESS and r.level is Level.LOW), key=lambda r: r.scenario
+    )
+    assert list(first) != [r.speaker_y.strip() for r in in_file_order[:10]]  # random, not the first ten
+
+
+@pytest.mark.parametrize(
+    ("value", "sentence"),
+    [
+        (1.0, "You are a person with high openness."),
+        (-0.9, "You are a person with low openness."),
+        (0.75, "You are a person with fairly high openness."),
+        (-0.5, "You are a person with moderately low openness."),
+        (0.25, "You are a person with slightly high openness."),
+    ],
+)
+def test_every_intensity_sentence_lives_in_prompts(value: float, sentence: str) -> None:
+    from big5core.prompts import prompt_inst_sentence
+
+    assert prompt_inst_sentence(Trait.OPENNESS, value) == sentence
+
+
+def test_resolved_personas_record_their_base_model(env: Env) -> None:
+    assert env.resolver().resolve(spec("prompt", openness=1)).report()["base_model"] == BASE

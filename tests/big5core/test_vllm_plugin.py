@@ -1,4 +1,4 @@
-"""The grouped CPU LoRA ops equal vLLM's own ops wherever an adapter is set, and give -1 rows no delta."""
+"""The plugin's CPU LoRA ops and wrapper path equal vLLM's own wherever an adapter is set; -1 rows get no delta."""
 
 from __future__ import annotations
 
@@ -92,10 +92,89 @@ def test_registered_for_vllm_and_patches_the_cpu_path(monkeypatch: pytest.Monkey
     for module in (lora_ops, punica_cpu):  # start from upstream's ops (an engine may have patched already)
         for name in vllm_plugin.PATCHED:
             monkeypatch.setattr(module, name, getattr(upstream, name))  # restored after the test
+    from vllm.lora.model_manager import LoRAModelManager
+
+    wrapper = punica_cpu.PunicaWrapperCPU
+    methods = [(wrapper, "update_metadata"), (wrapper, "add_lora_linear"), (LoRAModelManager, "activate_adapter")]
+    for owner, name in methods:  # restored after the test, patched or not
+        monkeypatch.setattr(owner, name, vllm_plugin._ORIGINALS.get(f"{owner.__name__}.{name}", getattr(owner, name)))
     monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "0")
     vllm_plugin.register()
     assert punica_cpu.bgmv_shrink is not vllm_plugin.bgmv_shrink
+    assert not getattr(wrapper.add_lora_linear, "_big5", False)
     monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "1")
+    monkeypatch.setenv(vllm_plugin.SGMV_SWITCH, "0")
     vllm_plugin.register()
     assert punica_cpu.bgmv_shrink is vllm_plugin.bgmv_shrink
     assert lora_ops.bgmv_expand is vllm_plugin.bgmv_expand
+    assert not getattr(wrapper.add_lora_linear, "_big5", False)
+    monkeypatch.setenv(vllm_plugin.SGMV_SWITCH, "1")
+    vllm_plugin.register()
+    vllm_plugin.register()  # idempotent: patched once
+    for owner, name in methods:
+        patched = getattr(owner, name)
+        assert getattr(patched, "_big5", False)
+        assert not getattr(vllm_plugin._ORIGINALS[f"{owner.__name__}.{name}"], "_big5", False)
+
+
+def _fresh_punica_cpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A private copy of vLLM's CPU punica wrapper module running vLLM's own ops (never the plugin's)."""
+    spec = importlib.util.find_spec("vllm.lora.punica_wrapper.punica_cpu")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
+        monkeypatch.setattr(module, name, getattr(upstream, name))
+    return module
+
+
+def _lora_stacks(
+    out_sizes: tuple[int, ...], ranks: list[int], max_rank: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    a_all, b_all = [], []
+    for i, out in enumerate(out_sizes):
+        a, b = torch.zeros(len(ranks), 1, max_rank, HIDDEN), torch.zeros(len(ranks), 1, out, max_rank)
+        for slot, rank in enumerate(ranks):
+            a[slot, 0, :rank] = weights((rank, HIDDEN), 100 + 10 * i + slot)
+            b[slot, 0, :, :rank] = weights((out, rank), 200 + 10 * i + slot) * 0.1
+        a_all.append(a)
+        b_all.append(b)
+    return tuple(a_all), tuple(b_all)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False], ids=["prefill", "decode"])
+@pytest.mark.parametrize(
+    "lora_ids", [[11] * 5, [11, 12, 13, 11, 14, 12], [0, 12, 0, 13, 13, 0], [0, 0, 0]], ids=str
+)  # fmt: skip
+def test_wrapper_linear_equals_vllm_wrapper(
+    monkeypatch: pytest.MonkeyPatch, lora_ids: list[int], is_prefill: bool
+) -> None:
+    """The patched ``add_lora_linear`` of the CPU punica wrapper against vLLM's own, on a fused q/k/v layer.
+
+    Slots hold ranks 8, 40 (five composed traits) and 64 (``max_lora_rank``) in a rank-64 buffer, as
+    vLLM pads them; id 0 is "no adapter" (slot -1), whose rows must keep the base output exactly.
+    """
+    fresh = _fresh_punica_cpu(monkeypatch)
+    from vllm.lora.layers import LoRAMapping
+
+    class Segmented(fresh.PunicaWrapperCPU):  # type: ignore[name-defined,misc]
+        update_metadata = vllm_plugin._plan_after(fresh.PunicaWrapperCPU.update_metadata)
+        add_lora_linear = vllm_plugin._segmented_linear(fresh.PunicaWrapperCPU.add_lora_linear)
+
+    out_sizes = (40, 16, 16)
+    a, b = _lora_stacks(out_sizes, ranks=[8, 40, 64, 8], max_rank=64)
+    slot_ids: list[int | None] = [11, 12, 13, 14]
+    mapping = LoRAMapping(tuple(lora_ids), tuple(lora_ids), is_prefill=is_prefill)
+    x = weights((len(lora_ids), HIDDEN), 11)
+    start = weights((len(lora_ids), sum(out_sizes)), 12)
+    results = []
+    for cls in (fresh.PunicaWrapperCPU, Segmented):
+        wrapper = cls(64, 8, device="cpu")
+        wrapper.update_metadata(mapping, slot_ids, 5, 1000)
+        y = start.clone()
+        wrapper.add_lora_linear(y, x, a, b, 1.0, out_sizes)
+        results.append(y)
+    theirs, ours = results
+    has = torch.tensor(lora_ids) > 0
+    torch.testing.assert_close(ours[has], theirs[has])
+    assert torch.equal(ours[~has], start[~has])

@@ -22,7 +22,6 @@ from evaluator.scoring import (
     recode,
     score_run,
     summarise,
-    trait_alphas,
     z_scores,
 )
 
@@ -163,20 +162,6 @@ def test_cronbach_alpha_rejects_nan_and_ragged() -> None:
         cronbach_alpha([[1, 2], [float("nan"), 3]])
     with pytest.raises(ValueError, match="ragged"):
         cronbach_alpha([[1, 2], [3]])
-
-
-def test_trait_alphas_recode_and_drop_incomplete_runs() -> None:
-    # E recoded: item 1 as is, item 2 reversed. Raw (1,5),(2,4),(4,2) -> recoded (1,1),(2,2),(4,4): alpha 1.
-    # N: the third run misses item 3, leaving two runs (3,3) and (4,4) -> recoded (3,3),(4,2): totals 6,6 -> None.
-    runs: list[dict[str, float | None]] = [
-        {"1": 1, "2": 5, "3": 3, "4": 3},
-        {"1": 2, "2": 4, "3": 4, "4": 4},
-        {"1": 4, "2": 2, "3": None, "4": 1},
-    ]
-    alphas = trait_alphas(SMALL, runs)
-    assert alphas[EXT] == pytest.approx(1.0)
-    assert alphas[NEU] is None
-    assert set(alphas) == {EXT, NEU}
 
 
 # --- failure rate and z-scores ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from big5core import registry
 from big5core.db import transaction
 from big5core.lora import LLAMA_TARGET_MODULES
 from big5core.stack import Stack
+from service.errors import PROBLEM_BASE
 
 QUESTION = "Describe your ideal weekend in two sentences."
 
@@ -135,3 +136,14 @@ def sse_from_text(text: str) -> list[tuple[str, Any]]:
 def generate_body(**fields: Any) -> dict[str, Any]:
     """A greedy /v1/generate body for QUESTION (fields override)."""
     return {"prompt": QUESTION, "temperature": 0.0, "max_tokens": 24, **fields}
+
+
+def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
+    """``response`` is an RFC 9457 problem of ``status`` and type ``slug``; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["type"] == PROBLEM_BASE + slug
+    assert body["status"] == status
+    assert body["title"] and body["detail"] and body["instance"]
+    return body

@@ -1,11 +1,14 @@
-"""Every error case answers its status with an RFC 9457 problem body (and never a 200)."""
+"""Error cases that need the real engine answer their status with an RFC 9457 problem body (never a 200).
+
+The ones that need no engine (schema, unknown things, keys, body size, not ready) are in
+test_http_errors.py, which is not slow.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,51 +21,13 @@ from big5core.models import Adapter, AdapterState
 from big5core.settings import Settings
 from big5core.stack import Stack
 from service.app import create_app
-from service.errors import PROBLEM_BASE
 from tests.service.conftest import with_service
-from tests.service.support import Loras, generate_body
+from tests.service.support import Loras, assert_problem, generate_body
 
 pytestmark = pytest.mark.slow
 
 
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["type"] == PROBLEM_BASE + slug
-    assert body["status"] == status
-    assert body["title"] and body["detail"] and body["instance"]
-    return body
-
-
 # ---------------------------------------------------------------- 422
-
-
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        (generate_body(traits={"opennes": 1}), "body.traits.opennes"),
-        (generate_body(traits={"openness": 1.5}), "body.traits.openness"),
-        (generate_body(temperature=-1), "body.temperature"),
-        (generate_body(foo=1), "body.foo"),
-        (generate_body(messages=[{"role": "user", "content": "hi"}]), "body"),  # messages AND prompt
-        (generate_body(method="sarcasm"), "body.method"),
-    ],
-    ids=["unknown-trait", "out-of-range", "bad-temperature", "extra-field", "messages-and-prompt", "bad-method"],
-)
-def test_invalid_generate_bodies_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
-    problem = assert_problem(client.post("/v1/generate", json=body), 422, "validation-error")
-    fields = [e["field"] for e in problem["errors"]]
-    assert any(f == field or f.startswith(field + ".") for f in fields), fields
-    assert field.removeprefix("body.").split(".")[0] in problem["detail"] or field == "body"
-
-
-def test_openai_request_validation(client: TestClient) -> None:
-    base = {"model": "big5/direct", "messages": [{"role": "user", "content": "hi"}]}
-    problem = assert_problem(client.post("/v1/chat/completions", json={**base, "n": 2}), 422, "validation-error")
-    assert [e["field"] for e in problem["errors"]] == ["body.n"]
-    assert_problem(client.post("/v1/chat/completions", json={**base, "logit_bias": {}}), 422, "validation-error")
-    assert_problem(client.post("/v1/training-jobs", json={"method": "ppo"}), 422, "validation-error")
 
 
 # ---------------------------------------------------------------- 400
@@ -114,13 +79,6 @@ def test_persona_no_adapter_can_realise_is_404(client: TestClient, published: di
     assert "agreeableness=low" in problem["detail"]
     chat = {"model": "big5/dpo?openness=1", "messages": [{"role": "user", "content": "hi"}]}
     assert_problem(client.post("/v1/chat/completions", json=chat), 404, "persona-not-found")
-
-
-def test_other_unknown_things_are_404(client: TestClient) -> None:
-    assert_problem(client.get("/v1/assessments/0123456789abcdef"), 404, "assessment-not-found")
-    assert_problem(client.get("/v1/training-jobs/0123456789abcdef"), 404, "training-job-not-found")
-    assert_problem(client.get("/v1/inventories/no-such-inventory"), 404, "inventory-not-found")
-    assert_problem(client.get("/v1/nothing-here"), 404, "not-found")
 
 
 # ---------------------------------------------------------------- 409
@@ -194,69 +152,7 @@ def test_keys_are_required_when_configured(keyed_client: TestClient) -> None:
     assert keyed_client.get("/health").status_code == 200  # operations need no key
 
 
-def test_admin_routes_need_an_admin_key(keyed_client: TestClient) -> None:
-    client_key = {"X-API-Key": "client-key"}
-    admin_key = {"Authorization": "Bearer admin-key"}
-    assert_problem(keyed_client.post("/v1/adapters/reload", headers=client_key), 403, "forbidden")
-    assert_problem(keyed_client.post("/v1/training-jobs", json={}, headers=client_key), 403, "forbidden")
-    assert_problem(keyed_client.post("/v1/adapters/reload"), 401, "unauthorized")
-    assert keyed_client.post("/v1/adapters/reload", headers=admin_key).status_code == 200
-
-    spec = {"method": "sft", "layout": "per-trait", "conditions": ["openness:high"], "max_steps": 2}
-    created = keyed_client.post("/v1/training-jobs", json=spec, headers=admin_key)
-    assert created.status_code == 201, created.text
-    job = created.json()
-    assert job["state"] == "queued" and created.headers["location"] == f"/v1/training-jobs/{job['id']}"
-    fetched = keyed_client.get(f"/v1/training-jobs/{job['id']}", headers=admin_key).json()
-    assert fetched["state"] == "queued" and fetched["attempts"] == 0 and fetched["error"] is None
-    assert fetched["spec"]["conditions"] == ["openness:high"] and fetched["result"] == {}
-    assert_problem(keyed_client.get(f"/v1/training-jobs/{job['id']}", headers=client_key), 403, "forbidden")
-
-
 # ---------------------------------------------------------------- 503
-
-
-class FakeLoadingEngine:
-    """A FAKE engine that never finishes starting: the one place these tests do not use the real engine.
-
-    It stands in for "the engine is still loading", a state the real engine passes through in ~45 s
-    and that a test cannot hold it in. It implements only what the service touches before generation.
-    """
-
-    ready = False
-    error = None
-    start_seconds = None
-    max_model_len = 2048
-    loras: dict[str, Any] = {}
-
-    def __init__(self) -> None:
-        self.starting = False
-        self.shutdowns = 0
-
-    async def astart(self) -> None:
-        self.starting = True
-        await asyncio.Event().wait()  # until the app's lifespan cancels it
-
-    def shutdown(self) -> None:
-        self.shutdowns += 1
-
-
-def test_engine_not_ready_is_503_with_retry_after(service_settings: Settings, service_stack: Stack) -> None:
-    fake = FakeLoadingEngine()
-    app = create_app(service_settings, stack=service_stack, engine=fake)  # type: ignore[arg-type]
-    with TestClient(app) as loading:
-        health = loading.get("/health")
-        assert health.status_code == 200 and health.json()["status"] == "loading"
-        assert fake.starting  # the app started it in the background
-        generate = loading.post("/v1/generate", json=generate_body(method="direct"))
-        assert_problem(generate, 503, "engine-not-ready")
-        assert int(generate.headers["retry-after"]) > 0
-        chat = {"model": "big5/direct", "messages": [{"role": "user", "content": "hi"}]}
-        assert_problem(loading.post("/v1/chat/completions", json=chat), 503, "engine-not-ready")
-        assess = {"persona": {"method": "direct"}, "inventory": "bfi44", "runs": 1}
-        assert_problem(loading.post("/v1/assess", json=assess), 503, "engine-not-ready")
-        assert loading.get("/v1/adapters").status_code == 200  # the registry view does not need the engine
-    assert fake.shutdowns == 1  # the app started it, so the app shut it down
 
 
 def test_queue_full_is_503_with_retry_after(
@@ -279,20 +175,6 @@ def test_queue_full_is_503_with_retry_after(
 
 
 # ---------------------------------------------------------------- 413 and 500
-
-
-def test_body_too_large_is_413(client: TestClient, service_settings: Settings) -> None:
-    limit = service_settings.service.max_body_bytes
-    huge = generate_body(prompt="x" * (limit + 10))
-    problem = assert_problem(client.post("/v1/generate", json=huge), 413, "body-too-large")
-    assert str(limit) in problem["detail"]
-
-    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
-        for _ in range(limit // 65536 + 2):
-            yield b"x" * 65536
-
-    chunked = client.post("/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
-    assert_problem(chunked, 413, "body-too-large")
 
 
 def test_unexpected_errors_are_500_without_internals(

@@ -1,4 +1,9 @@
-"""Tests for trainer.dataset: loading, validation, filtering, splits and the TRL example builders."""
+"""Tests for the BIG5-CHAT data (big5core.dataset via trainer.dataset): loading, validation, filtering,
+splits and the TRL example builders.
+
+Most tests run on the hand-written fixture (tests/fixtures/handwritten_sample.csv: 70 clean scenarios
+x 10 arms, written for this project, not real data); the bundled real excerpt has tests of its own.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +23,18 @@ from hypothesis import strategies as st
 from big5core.prompts import unified_instruction
 from big5core.traits import TRAITS, Level, Trait
 from trainer.dataset import (
-    BUNDLED_SAMPLE,
+    BUNDLED_REAL,
     DATASET_FILENAME,
     REQUIRED_COLUMNS,
     DatasetError,
     FilterReport,
+    PairReport,
     Row,
-    bundled_sample_path,
+    bundled_path,
     dataset_hash,
     dpo_pairs,
     filter_artifacts,
+    heldout_split,
     load_rows,
     near_duplicate_key,
     select,
@@ -36,11 +43,17 @@ from trainer.dataset import (
 )
 
 ALL_ARMS = {(trait, level) for trait in TRAITS for level in Level}
+HANDWRITTEN = Path(__file__).resolve().parents[1] / "fixtures" / "handwritten_sample.csv"
+
+
+def bundled_sample_path() -> Path:
+    """The hand-written fixture (the name the older tests use)."""
+    return HANDWRITTEN
 
 
 @pytest.fixture(scope="module")
 def sample() -> list[Row]:
-    return load_rows(BUNDLED_SAMPLE)
+    return load_rows(HANDWRITTEN)
 
 
 def make_row(reply: str, scenario: str = "s0", x: str = "Want to come to the party?", **kw: Any) -> Row:
@@ -85,8 +98,53 @@ def test_bundled_sample_has_every_arm_of_every_scenario(sample: list[Row]) -> No
 def test_filtering_keeps_the_whole_sample(sample: list[Row]) -> None:
     kept, report = filter_artifacts(sample)
     assert kept == sample
-    assert report == FilterReport(total_in=700, kept=700)
-    assert report.dropped == 0
+    assert (report.total_in, report.kept, report.dropped) == (700, 700, 0)
+    assert set(report.by_arm) == {f"{t.value}-{lv.value}" for t, lv in ALL_ARMS}
+    assert all(counts["kept"] == counts["total_in"] == 70 for counts in report.by_arm.values())
+
+
+# ----------------------------------------------------------------------------- the bundled real data
+
+
+@pytest.fixture(scope="module")
+def real() -> list[Row]:
+    return load_rows(BUNDLED_REAL)
+
+
+def test_bundled_real_excerpt_loads_with_every_arm(real: list[Row]) -> None:
+    assert bundled_path().name == "big5chat_real.csv"
+    assert len(real) == 1280
+    arms: dict[tuple[Trait, Level], int] = {}
+    for row in real:
+        arms[(row.trait, row.level)] = arms.get((row.trait, row.level), 0) + 1
+    assert arms == dict.fromkeys(ALL_ARMS, 128)
+    assert len({row.scenario for row in real}) == 128
+
+
+def test_filter_on_real_data_drops_the_refusal_scenario_only(real: list[Row]) -> None:
+    kept, report = filter_artifacts(real)
+    assert (report.refusal, report.dropped, report.kept) == (10, 10, 1270)
+    dropped = [row for row in real if row not in kept]
+    assert len({row.scenario for row in dropped}) == 1  # line 115: its Speaker X turn is itself a refusal
+    assert all(report.by_arm[name]["refusal"] == 1 and report.by_arm[name]["kept"] == 127 for name in report.by_arm)
+    table = report.format()
+    assert "openness-high" in table and "dropped 10 of 1280" in table
+
+
+def test_real_dpo_pairs_share_speaker_x_within_a_trait(real: list[Row]) -> None:
+    kept, _ = filter_artifacts(real)
+    pairs, skipped = dpo_pairs(kept, "unified")
+    assert skipped == PairReport(unpaired=0, mismatched_speaker_x=0)
+    assert len(pairs) == 1270
+
+
+def test_heldout_split_is_disjoint_and_stable(real: list[Row]) -> None:
+    train, held = heldout_split(real)
+    assert {r.scenario for r in train}.isdisjoint({r.scenario for r in held})
+    assert 15 <= len({r.scenario for r in held}) <= 40
+    # a training job's split at a larger fraction (same seed) holds out a superset of these scenarios
+    _, larger = split_by_scenario(real, 0.3, 0)
+    assert {r.scenario for r in held} <= {r.scenario for r in larger}
 
 
 def test_path_folder_jsonl_and_parquet_load_the_same_rows(sample: list[Row], tmp_path: Path) -> None:
@@ -221,6 +279,39 @@ REFUSALS = [
     "As a language model I have no weekends.",
 ]
 STAGE_DIRECTIONS = ["*sighs* Fine, I'll come.", "(laughs nervously) Sure, why not.", "Okay. *grabs coat*"]
+ORDINARY_WRITING = [
+    "I'm *so* excited about Saturday!",
+    "My sister (the older one) is coming too.",
+    "That was great (really!). Thanks for asking.",
+]
+
+
+@pytest.mark.parametrize("text", STAGE_DIRECTIONS)
+def test_stage_directions_are_dropped(text: str) -> None:
+    _, report = filter_artifacts([make_row(text)])
+    assert report.stage_direction == 1
+
+
+@pytest.mark.parametrize("text", ORDINARY_WRITING)
+def test_emphasis_and_asides_stay(text: str) -> None:
+    kept, report = filter_artifacts([make_row(text)])
+    assert len(kept) == 1 and report.dropped == 0
+
+
+def test_a_reply_at_both_levels_of_a_trait_is_dropped_on_both_sides() -> None:
+    rows = [
+        make_row("Sure, sounds good.", scenario="s1", level=Level.HIGH),
+        make_row("sure sounds good", scenario="s1", level=Level.LOW),
+        make_row("Sure, sounds good!", scenario="s2", level=Level.HIGH),
+        # the same text under another trait is an ordinary (later) duplicate, not a cross-level one
+        make_row("Count me in.", scenario="s3", trait=Trait.OPENNESS, level=Level.HIGH),
+        make_row("Count me in.", scenario="s3", trait=Trait.AGREEABLENESS, level=Level.LOW),
+    ]
+    kept, report = filter_artifacts(rows)
+    assert kept == [rows[3]]
+    assert (report.cross_level_duplicate, report.exact_duplicate) == (3, 1)
+    assert report.by_arm["extraversion-high"]["cross_level_duplicate"] == 2
+    assert report.by_arm["extraversion-low"]["cross_level_duplicate"] == 1
 
 
 def test_planted_artifacts_are_dropped_and_counted() -> None:
@@ -228,24 +319,26 @@ def test_planted_artifacts_are_dropped_and_counted() -> None:
     rows += [make_row(text) for text in REFUSALS + STAGE_DIRECTIONS]
     rows += [make_row(""), make_row("   "), make_row("nan"), make_row("Fine.", x="")]
     rows += [make_row(CLEAN[0], scenario="dup"), make_row("  " + CLEAN[2] + "\n", scenario="dup2")]
-    rows += [make_row("yes ill bring SNACKS, and a speaker", scenario="near", level=Level.LOW)]
+    rows += [make_row("yes ill bring SNACKS, and a speaker", scenario="near", trait=Trait.OPENNESS)]
     rows += [make_row("See you at 5!", scenario="near2")]
     kept, report = filter_artifacts(rows)
     assert kept == rows[: len(CLEAN)]
-    assert report == FilterReport(
-        total_in=len(rows),
-        null=4,
-        refusal=len(REFUSALS),
-        stage_direction=len(STAGE_DIRECTIONS),
-        exact_duplicate=2,
-        near_duplicate=2,
-        kept=len(CLEAN),
-    )
+    counts = {reason: getattr(report, reason) for reason in FilterReport.REASONS}
+    assert counts == {
+        "null": 4,
+        "refusal": len(REFUSALS),
+        "stage_direction": len(STAGE_DIRECTIONS),
+        "cross_level_duplicate": 0,
+        "exact_duplicate": 2,
+        "near_duplicate": 2,
+    }
+    assert (report.total_in, report.kept) == (len(rows), len(CLEAN))
     assert report.dropped + report.kept == report.total_in
     table = report.format()
-    for label in ("null", "refusal", "stage direction", "exact duplicate", "near duplicate", "kept", "total in"):
+    for label in ("null", "refusal", "stage", "x-level", "exact", "near", "kept", "all arms"):
         assert label in table
-    assert f"refusal{len(REFUSALS):>19}" in table
+    assert f"dropped {report.dropped} of {len(rows)}" in table
+    assert report.as_dict()["dropped"]["refusal"] == len(REFUSALS)
 
 
 def test_a_refusal_does_not_shadow_a_later_clean_copy() -> None:
@@ -342,8 +435,8 @@ def test_sft_per_trait_has_no_instruction(sample: list[Row]) -> None:
 
 
 def test_dpo_pairs_every_reply_with_its_opposite_level(sample: list[Row]) -> None:
-    pairs, unpaired = dpo_pairs(sample, "unified")
-    assert (len(pairs), unpaired) == (700, 0)
+    pairs, skipped = dpo_pairs(sample, "unified")
+    assert (len(pairs), skipped) == (700, PairReport())
     by_reply = {row.speaker_y.strip(): row for row in sample}
     assert len(by_reply) == 700
     for row, pair in zip(sample, pairs, strict=True):
@@ -359,8 +452,8 @@ def test_dpo_pairs_every_reply_with_its_opposite_level(sample: list[Row]) -> Non
 def test_dpo_skips_and_counts_rows_without_a_partner(sample: list[Row]) -> None:
     lonely = sample[5]
     rows = [r for r in sample if r is not lonely]
-    pairs, unpaired = dpo_pairs(rows, "unified")
-    assert (len(pairs), unpaired) == (698, 1)
+    pairs, skipped = dpo_pairs(rows, "unified")
+    assert (len(pairs), skipped) == (698, PairReport(unpaired=1))
     partner = next(
         r for r in rows if (r.scenario, r.trait, r.level) == (lonely.scenario, lonely.trait, lonely.level.opposite)
     )
@@ -369,13 +462,27 @@ def test_dpo_skips_and_counts_rows_without_a_partner(sample: list[Row]) -> None:
 
 
 def test_dpo_per_trait_targets_one_condition_with_partners_from_all_rows(sample: list[Row]) -> None:
-    pairs, unpaired = dpo_pairs(sample, "per-trait", trait=Trait.OPENNESS, level=Level.LOW)
-    assert (len(pairs), unpaired) == (70, 0)
+    pairs, skipped = dpo_pairs(sample, "per-trait", trait=Trait.OPENNESS, level=Level.LOW)
+    assert (len(pairs), skipped) == (70, PairReport())
     targets = select(sample, Trait.OPENNESS, Level.LOW)
     for row, pair in zip(targets, pairs, strict=True):
         assert pair["prompt"] == [{"role": "user", "content": row.speaker_x.strip()}]
         assert pair["chosen"][0]["content"] == row.speaker_y.strip()
     # Given only the target rows, no partner can be found.
-    assert dpo_pairs(targets, "per-trait") == ([], 70)
+    assert dpo_pairs(targets, "per-trait") == ([], PairReport(unpaired=70))
     with pytest.raises(ValueError, match="one trait-level condition"):
         dpo_pairs(sample, "per-trait", trait=Trait.OPENNESS)
+
+
+def test_dpo_skips_and_counts_a_partner_that_answers_another_speaker_x(sample: list[Row]) -> None:
+    target = select(sample, Trait.OPENNESS, Level.HIGH)[0]
+    rows = [
+        Row(r.scenario, r.trait, r.level, "Something else entirely?", r.speaker_y, r.instruction)
+        if (r.scenario, r.trait, r.level) == (target.scenario, target.trait, Level.LOW)
+        else r
+        for r in sample
+    ]
+    pairs, skipped = dpo_pairs(rows, "per-trait", trait=Trait.OPENNESS, level=Level.HIGH)
+    assert skipped == PairReport(mismatched_speaker_x=1)
+    assert len(pairs) == 69
+    assert all(p["chosen"][0]["content"] != target.speaker_y.strip() for p in pairs)

@@ -28,6 +28,8 @@ from big5core.training import TrainSpec
 from tests.model_support import make_tiny_llama
 from trainer.worker import Worker, submit
 
+pytestmark = pytest.mark.slow  # every test launches ranks that train
+
 RANKS = 2
 SMALL = dict(per_device_train_batch_size=2, max_length=96, warmup_steps=0, learning_rate=5e-3, eval=False)
 

@@ -38,6 +38,7 @@ def _tiny_settings(settings: Settings, tiny_model: Path, **trainer: object) -> S
     )
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_training_changes_lora_only(method: str, tiny_model: Path, tmp_path: Path) -> None:
     from peft import PeftModel
@@ -71,6 +72,7 @@ def test_training_changes_lora_only(method: str, tiny_model: Path, tmp_path: Pat
         assert torch.equal(param, base_params[clean]), name
 
 
+@pytest.mark.slow  # trains
 def test_worker_registers_ready_adapter(settings: Settings, tiny_model: Path) -> None:
     cfg = _tiny_settings(settings, tiny_model)
     spec = TrainSpec(method="sft", layout="per-trait", conditions=["openness:high", "openness:low"], **FAST)
@@ -122,6 +124,7 @@ def test_malformed_dataset_fails_before_training(
     assert not (cfg.data_dir / "checkpoints" / job_id).exists()
 
 
+@pytest.mark.slow  # trains
 def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_model: Path) -> None:
     """SIGKILL a real worker process mid-job; a second worker reclaims it after the lease and finishes it."""
     cfg = _tiny_settings(settings, tiny_model, lease_seconds=4, heartbeat_seconds=1, poll_seconds=0.2)

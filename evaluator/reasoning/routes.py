@@ -1,0 +1,148 @@
+"""HTTP routes of the reasoning evaluation; the service mounts them with its own dependencies.
+
+POST /v1/reasoning (202), GET /v1/reasoning[/{id}[/items]], POST /v1/reasoning/compare.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the Annotated aliases built inside build_router.
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, Depends, Query, Response, status
+from sqlalchemy.orm import Session
+
+from big5core.engine import EngineNotReady, PersonaEngine
+from big5core.models import ReasoningRun
+from big5core.stack import Stack
+from evaluator.reasoning import report, store
+from evaluator.reasoning.runner import ReasoningRunner
+from evaluator.reasoning.schemas import (
+    ReasoningAccepted,
+    ReasoningCompareRequest,
+    ReasoningItemOut,
+    ReasoningRequest,
+    ReasoningRunOut,
+    UnitOut,
+)
+from evaluator.reasoning.settings import get_reasoning_settings
+
+
+class HasStack(Protocol):
+    """What the routes need from the service's state."""
+
+    stack: Stack
+    engine: PersonaEngine
+
+
+def run_out(run: ReasoningRun) -> ReasoningRunOut:
+    return ReasoningRunOut(
+        id=run.id,
+        state=run.state,
+        personas=list(run.personas),
+        tasks=list(run.tasks),
+        limit=run.item_limit,
+        options=run.options,
+        lm_eval_version=run.lm_eval_version,
+        progress={k: v for k, v in (run.progress or {}).items() if k != "owner"},
+        error=run.error,
+        results=[UnitOut.model_validate(r, from_attributes=True) for r in run.results],
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+    )
+
+
+def build_router(
+    get_state: Callable[..., HasStack],
+    get_session: Callable[..., Any],
+    require_client: Callable[..., Any],
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["reasoning"], dependencies=[Depends(require_client)])
+    runners: dict[int, tuple[HasStack, ReasoningRunner]] = {}  # per service state (one per app lifespan)
+    lock = threading.Lock()
+
+    def get_runner(state: Annotated[HasStack, Depends(get_state)]) -> ReasoningRunner:
+        if not state.engine.ready:
+            raise EngineNotReady(state.engine.error or "the engine is starting")
+        with lock:
+            held = runners.get(id(state))
+            if held is None or held[0] is not state:
+                runner = ReasoningRunner(
+                    state.stack.sessions, state.stack.resolver, state.engine, get_reasoning_settings()
+                )
+                runner.sweep()  # runs a crashed process left behind end failed (their units stay)
+                runners.clear()
+                runners[id(state)] = held = (state, runner)
+        return held[1]
+
+    RunnerDep = Annotated[ReasoningRunner, Depends(get_runner)]
+    SessionDep = Annotated[Session, Depends(get_session)]
+
+    @router.post("/reasoning", status_code=status.HTTP_202_ACCEPTED, response_model=ReasoningAccepted)
+    async def start(body: ReasoningRequest, runner: RunnerDep, response: Response) -> ReasoningAccepted:
+        """Evaluate personas on reasoning tasks in the background; poll GET /v1/reasoning/{id}."""
+        run_id = await runner.submit(body)
+        response.headers["Location"] = f"/v1/reasoning/{run_id}"
+        return ReasoningAccepted(
+            id=run_id,
+            state="queued",
+            links={"self": f"/v1/reasoning/{run_id}", "items": f"/v1/reasoning/{run_id}/items"},
+        )
+
+    @router.get("/reasoning/{run_id}", response_model=ReasoningRunOut)
+    def get_run(run_id: str, session: SessionDep) -> ReasoningRunOut:
+        return run_out(store.get(session, run_id))
+
+    @router.get("/reasoning/{run_id}/items", response_model=list[ReasoningItemOut])
+    def get_items(
+        run_id: str,
+        session: SessionDep,
+        task: str | None = None,
+        persona: Annotated[str | None, Query(description="canonical persona key")] = None,
+    ) -> list[ReasoningItemOut]:
+        return [
+            ReasoningItemOut(
+                task=r.task,
+                persona_key=r.persona_key,
+                doc_index=i.doc_index,
+                item_id=i.item_id,
+                target=i.target,
+                loglikelihoods=i.loglikelihoods,
+                greedy=i.greedy,
+                generated=i.generated,
+                score=i.score,
+                correct=i.correct,
+                metrics=i.metrics,
+            )
+            for r, i in store.items(session, run_id, task=task, persona_key=persona)
+        ]
+
+    @router.get("/reasoning", response_model=list[ReasoningRunOut])
+    def list_runs(
+        session: SessionDep,
+        state: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[ReasoningRunOut]:
+        return [run_out(r) for r in store.search(session, state=state, limit=limit, offset=offset)]
+
+    @router.post(
+        "/reasoning/compare",
+        responses={200: {"content": {"image/svg+xml": {}, "image/png": {}, "application/json": {}}}},
+    )
+    async def compare(body: ReasoningCompareRequest, session: SessionDep) -> Any:
+        """The paper's table: per task and trait, accuracy induced high and low, the paired difference with its
+        95% bootstrap CI, Direct, and the mean over tasks; or its plot (svg, png)."""
+        if body.runs:
+            for run_id in body.runs:
+                store.get(session, run_id)  # 404 for an unknown run
+        units = store.unit_scores(session, body.runs)
+        if body.methods:
+            units = [u for u in units if u["method"] in body.methods or u["method"] == "direct"]
+        table = await asyncio.to_thread(report.reasoning_table, units, body.tasks)
+        if body.format == "json":
+            return {**table.to_dict(), "text": table.format()}
+        media = "image/svg+xml" if body.format == "svg" else "image/png"
+        return Response(await asyncio.to_thread(report.table_figure, table, body.format), media_type=media)
+
+    return router

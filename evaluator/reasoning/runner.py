@@ -1,0 +1,261 @@
+"""Runs of personas x tasks: validate and resolve up front, evaluate concurrently, store unit by unit.
+
+Every (persona, task) unit is written whole (its result and all its items) in ONE transaction, so a
+unit is either absent or complete; the run is marked done only when every unit is stored. A run that
+fails or is killed midway keeps its stored units: :meth:`ReasoningRunner.run` on it again evaluates
+only the missing ones (``big5 reason --resume ID``), and the service's sweep marks runs whose process
+stopped beating failed. Units run on a thread pool (lm-eval is synchronous), all on ONE engine: their
+requests meet in its batches (multi-LoRA), and the units of a task are scheduled together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from big5core.db import transaction
+from big5core.engine import PersonaEngine
+from big5core.models import ReasoningRun, ReasoningState
+from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
+from evaluator.reasoning import store
+from evaluator.reasoning.errors import ReasoningRunNotResumable
+from evaluator.reasoning.schemas import ReasoningRequest
+from evaluator.reasoning.settings import ReasoningSettings
+from evaluator.reasoning.tasks import TaskInfo, resolve_tasks, task_info
+
+if TYPE_CHECKING:
+    from evaluator.reasoning.harness import UnitResult
+    from evaluator.reasoning.lm import Big5LM
+
+logger = logging.getLogger(__name__)
+
+STALE_AFTER = timedelta(minutes=10)
+HEARTBEAT_SECONDS = 30.0
+
+Evaluate = Callable[..., "UnitResult"]
+
+
+class ReasoningRunner:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        resolver: PersonaResolver,
+        engine: PersonaEngine,
+        settings: ReasoningSettings,
+        *,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        evaluate: Evaluate | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.resolver = resolver
+        self.engine = engine
+        self.settings = settings
+        self.heartbeat_seconds = heartbeat_seconds
+        if evaluate is None:
+            from evaluator.reasoning.harness import evaluate_unit as evaluate
+        self.evaluate = evaluate
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._progress_lock = threading.Lock()
+
+    # ------------------------------------------------------------ create
+
+    def prepare(self, request: ReasoningRequest) -> str:
+        """Validate the tasks, resolve every persona (raising domain errors) and create the queued run."""
+        tasks = resolve_tasks(request.tasks, self.settings)
+        keys: list[str] = []
+        reports: dict[str, Any] = {}
+        for spec in request.specs():
+            resolved = self.resolver.resolve(spec)
+            if resolved.key not in reports:
+                keys.append(resolved.key)
+                reports[resolved.key] = resolved.report()
+        options = {
+            "apply_chat_template": request.apply_chat_template,
+            "max_gen_toks": request.max_gen_toks or self.settings.max_gen_toks,
+            "source": self.settings.source,
+            "resolved": reports,
+        }
+        with transaction(self.sessions) as session:
+            run = store.create(
+                session,
+                personas=keys,
+                tasks=[t.name for t in tasks],
+                limit=request.limit,
+                options=options,
+                lm_eval_version=version("lm_eval"),
+                progress=self._beat({"units_done": 0, "units": len(keys) * len(tasks)}),
+            )
+            return run.id
+
+    async def submit(self, request: ReasoningRequest) -> str:
+        """Prepare (in a thread), then run in the background on the current event loop."""
+        run_id = await asyncio.to_thread(self.prepare, request)
+        task = asyncio.get_running_loop().create_task(self.run(run_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return run_id
+
+    # ------------------------------------------------------------ run
+
+    async def run(self, run_id: str, on_unit: Callable[[UnitResult], None] | None = None) -> str:
+        """Evaluate the run's missing units and mark it done, or failed with the reason; returns the state."""
+        try:
+            return await self._run(run_id, on_unit)
+        except asyncio.CancelledError:
+            self._fail(run_id, "cancelled: the process running it stopped")
+            raise
+        except Exception as exc:
+            logger.exception("Reasoning run %s failed", run_id)
+            self._fail(run_id, f"{type(exc).__name__}: {exc}")
+            return ReasoningState.FAILED
+
+    async def _run(self, run_id: str, on_unit: Callable[[UnitResult], None] | None) -> str:
+        with self.sessions() as session:
+            run = store.get(session, run_id)
+            keys, names, limit, options = list(run.personas), list(run.tasks), run.item_limit, dict(run.options)
+            done = store.stored_units(session, run_id)
+        tasks = [task_info(n) for n in names]
+        todo = [(t, k) for t in tasks for k in keys if (t.name, k) not in done]  # task-major: a task's units together
+        progress: dict[str, Any] = {"units_done": len(done), "units": len(keys) * len(tasks)}
+        await asyncio.to_thread(self._in_transaction, store.mark_running, run_id, self._beat(progress))
+        models = await self._models(keys)
+        stop = asyncio.Event()
+        beating = asyncio.create_task(self._keep_beating(run_id, progress, stop))
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, min(self.settings.concurrency, len(todo))), thread_name_prefix="reason"
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            jobs = [
+                loop.run_in_executor(pool, self._unit, run_id, models[key], info, limit, options, progress, on_unit)
+                for info, key in todo
+            ]
+            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            stop.set()
+            await beating
+            pool.shutdown(wait=True, cancel_futures=True)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            first = errors[0]
+            raise RuntimeError(f"{len(errors)} of {len(todo)} unit(s) failed; first: {type(first).__name__}: {first}")
+        with transaction(self.sessions) as session:
+            finished = store.complete(session, run_id, len(keys) * len(tasks))
+        if not finished:
+            raise RuntimeError("not every unit is stored, or the run is no longer running")
+        logger.info("Reasoning run %s done (%d units evaluated now)", run_id, len(todo))
+        return ReasoningState.DONE
+
+    async def _models(self, keys: list[str]) -> dict[str, Big5LM]:
+        from evaluator.reasoning.lm import Big5LM
+
+        models: dict[str, Big5LM] = {}
+        for key in keys:
+            resolved: ResolvedPersona = await asyncio.to_thread(self.resolver.resolve, PersonaSpec.from_model_name(key))
+            lora = None
+            if resolved.adapter_name is not None and resolved.adapter_path is not None:
+                lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)
+            models[key] = Big5LM(engine=self.engine, resolved=resolved, lora=lora)
+        return models
+
+    def _unit(
+        self,
+        run_id: str,
+        lm: Big5LM,
+        info: TaskInfo,
+        limit: int | None,
+        options: dict[str, Any],
+        progress: dict[str, Any],
+        on_unit: Callable[[UnitResult], None] | None,
+    ) -> None:
+        unit = self.evaluate(
+            lm,
+            info,
+            self.settings,
+            limit=limit,
+            apply_chat_template=bool(options.get("apply_chat_template")),
+            max_gen_toks=options.get("max_gen_toks"),
+        )
+        with self._progress_lock:
+            progress["units_done"] += 1
+            beat = self._beat(progress)
+        with transaction(self.sessions) as session:  # the unit, all its items and the progress: one transaction
+            store.add_unit(session, run_id, unit)
+            store.set_progress(session, run_id, beat)
+        if on_unit is not None:
+            on_unit(unit)
+
+    # ------------------------------------------------------------ liveness
+
+    async def _keep_beating(self, run_id: str, progress: dict[str, Any], stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.heartbeat_seconds)
+            except TimeoutError:
+                with self._progress_lock:
+                    beat = self._beat(progress)
+                try:
+                    await asyncio.to_thread(self._in_transaction, store.set_progress, run_id, beat)
+                except Exception:
+                    logger.warning("heartbeat of reasoning run %s failed", run_id, exc_info=True)
+
+    def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
+
+    def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
+        with transaction(self.sessions) as session:
+            operation(session, *args)
+
+    def _fail(self, run_id: str, error: str) -> None:
+        try:
+            self._in_transaction(store.fail, run_id, error)
+        except Exception:  # the database may be down: the stale-heartbeat sweep covers it
+            logger.exception("could not mark reasoning run %s failed", run_id)
+
+    @staticmethod
+    def _stale(run: ReasoningRun, now: datetime, stale_after: timedelta) -> bool:
+        beat = (run.progress or {}).get("heartbeat")
+        last = datetime.fromisoformat(beat) if beat else run.created_at
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        return now - last > stale_after
+
+    def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
+        """Fail runs whose process stopped beating; returns how many. Their stored units stay (resumable)."""
+        now = datetime.now(UTC)
+        count = 0
+        with transaction(self.sessions) as session:
+            live = [ReasoningState.QUEUED, ReasoningState.RUNNING]
+            for run in session.scalars(select(ReasoningRun).where(ReasoningRun.state.in_(live))).all():
+                if self._stale(run, now, stale_after):
+                    store.fail(session, run.id, "interrupted: the process running it stopped")
+                    count += 1
+        return count
+
+    def check_resumable(self, run_id: str, stale_after: timedelta = STALE_AFTER) -> None:
+        """Raise unless the run may be resumed here: failed, or queued/running with a stale heartbeat."""
+        with self.sessions() as session:
+            run = store.get(session, run_id)
+            if run.state == ReasoningState.DONE:
+                raise ReasoningRunNotResumable(f"reasoning run {run_id} is done")
+            if run.state != ReasoningState.FAILED and not self._stale(run, datetime.now(UTC), stale_after):
+                raise ReasoningRunNotResumable(f"reasoning run {run_id} is {run.state} under a live process")
+
+    async def drain(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
