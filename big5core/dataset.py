@@ -437,7 +437,6 @@ def select(rows: Iterable[Row], trait: Trait | None = None, level: Level | None 
     return [r for r in rows if (trait is None or r.trait is trait) and (level is None or r.level is level)]
 
 
-
 def dataset_hash(rows: Iterable[Row]) -> str:
     """sha256 (hex) of the rows in order: one compact JSON array per row, newline-separated."""
     digest = hashlib.sha256(b"big5chat-rows-v1\n")

@@ -324,6 +324,11 @@ class PersonaResolver:
 
     # -- entry point -------------------------------------------------------------------------
 
+    @property
+    def settings(self) -> Settings:
+        """The settings this resolver was built with (the assessment runner reads its sections)."""
+        return self._settings
+
     def resolve(self, spec: PersonaSpec) -> ResolvedPersona:
         """What generation applies for ``spec`` on this resolver's base model (which it records)."""
         return dataclasses.replace(self._resolve(spec), base_model=self._base)

@@ -106,7 +106,11 @@ def staging_dir(adapters_dir: Path) -> Path:
 
 
 def sweep_staging(adapters_dir: Path) -> int:
-    """Remove staging folders left by crashed writers; returns how many were removed."""
+    """Remove staging folders left by crashed writers; returns how many were removed.
+
+    Every staging folder goes, live ones too: call it only while no worker is publishing (workers
+    remove their own jobs' dead staging folders themselves).
+    """
     if not adapters_dir.is_dir():
         return 0
     removed = 0

@@ -384,7 +384,7 @@ def mcdonald_omega(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) 
     from sklearn.decomposition import FactorAnalysis
 
     z = (data - data.mean(axis=0)) / data.std(axis=0, ddof=0)
-    fa = FactorAnalysis(n_components=1, tol=1e-10, max_iter=10_000, random_state=0).fit(z)
+    fa = FactorAnalysis(n_components=1, tol=1e-8, max_iter=2_000, random_state=0).fit(z)
     loadings = fa.components_[0]
     uniquenesses = fa.noise_variance_
     common = float(abs(loadings.sum())) ** 2

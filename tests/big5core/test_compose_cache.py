@@ -95,7 +95,10 @@ def test_two_processes_composing_one_vector_leave_one_valid_folder(parts: list[P
     manifest = read_manifest(folder)
     assert manifest is not None and [p["path"] for p in manifest["parts"]] == [str(p) for p, _ in vector]
     reference = compose_adapters(vector, tmp_path / "reference", part_meta=_meta(vector))
-    built, expected = load_file(folder / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    built, expected = (
+        load_file(folder / "adapter_model.safetensors"),
+        load_file(reference / "adapter_model.safetensors"),
+    )
     assert built.keys() == expected.keys()
     assert all(torch.equal(built[k], expected[k]) for k in expected)
 

@@ -26,9 +26,11 @@ LEASE = 60
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database of this test's own: jobs left queued here must never reach another test's worker."""
     if request.param == "postgresql":
-        return str(request.getfixturevalue("pg_url"))
-    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+        url = str(request.getfixturevalue("empty_pg_url"))  # dropped after the test
+    else:
+        url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     migrate.upgrade(url)
     return url
 
@@ -179,7 +181,7 @@ def test_concurrent_publishers_of_one_name_get_distinct_versions(db_url: str, tm
         for i in range(4)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     reported = {json.loads(out)["index"]: json.loads(out)["version"] for out, _ in outputs}
     assert sorted(reported.values()) == [1, 2, 3, 4]

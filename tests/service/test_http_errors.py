@@ -76,7 +76,6 @@ def test_openai_request_validation(client: TestClient) -> None:
     assert [e["field"] for e in problem["errors"]] == ["body.n"]
     assert_problem(client.post("/v1/chat/completions", json={**base, "logit_bias": {}}), 422, "validation-error")
     assert_problem(client.post("/v1/training-jobs", json={"method": "ppo"}), 422, "validation-error")
-    assert_problem(client.post("/assess", json={"inventory": "bfi44", "runs": 0}), 422, "validation-error")
 
 
 # ---------------------------------------------------------------- 404

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs
+from big5core import jobs, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
 from big5core.settings import Settings, TrainerSettings
@@ -33,13 +33,13 @@ LONG = dict(  # never finishes within a test: every job here is stopped or kille
     layout="per-trait",
     max_steps=5000,
     per_device_train_batch_size=2,
-    max_length=64,
+    max_length=128,
     warmup_steps=0,
     learning_rate=1e-3,
     save_steps=1,
     eval=False,
 )
-WAIT = 300.0  # generous: the CPU is shared
+WAIT = 900.0  # generous: the CPU is shared
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +47,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Pat
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", bundled_model_path)
 
 
-def _config(settings: Settings, tiny_model: Path, max_attempts: int = 3) -> Settings:
+@pytest.fixture()
+def own_db(empty_pg_url: str) -> str:
+    """A database of this test's own: its workers claim any claimable job, so none may come from elsewhere."""
+    migrate.upgrade(empty_pg_url)
+    return empty_pg_url
+
+
+def _config(settings: Settings, tiny_model: Path, database_url: str, max_attempts: int = 3) -> Settings:
     trainer = TrainerSettings(lease_seconds=3, heartbeat_seconds=1, poll_seconds=0.2, max_attempts=max_attempts)
-    return settings.model_copy(update={"base_model": str(tiny_model), "trainer": trainer})
+    return settings.model_copy(update={"base_model": str(tiny_model), "trainer": trainer, "database_url": database_url})
 
 
 def _start_worker(cfg: Settings, *args: str, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "PYTHONUNBUFFERED": "1",  # the log shows what a SIGKILLed worker did last
         "BIG5_DATA_DIR": str(cfg.data_dir),
         "BIG5_DATABASE_URL": str(cfg.database_url),
         "BIG5_BASE_MODEL": str(cfg.base_model),
@@ -100,9 +108,11 @@ def _lease_expired(sessions: sessionmaker[Session], job_id: str) -> bool:
         return expires is not None and expires < jobs.database_time(session)
 
 
-def test_job_killed_on_every_attempt_ends_failed(settings: Settings, tiny_model: Path, tmp_path: Path) -> None:
+def test_job_killed_on_every_attempt_ends_failed(
+    settings: Settings, tiny_model: Path, own_db: str, tmp_path: Path
+) -> None:
     """SIGKILL the worker on each of max_attempts attempts: the job ends failed, never claimed again."""
-    cfg = _config(settings, tiny_model, max_attempts=2)
+    cfg = _config(settings, tiny_model, own_db, max_attempts=2)
     job_id = submit(cfg, TrainSpec(conditions=["openness:high"], **LONG))
     engine = make_engine(str(cfg.database_url))
     sessions = session_factory(engine)
@@ -114,10 +124,10 @@ def test_job_killed_on_every_attempt_ends_failed(settings: Settings, tiny_model:
         proc = _start_worker(cfg, "--once", log=log)
         try:
             folder = root / f"attempt-{attempt}" / "sft-openness-high"
-            _wait_for(f"a checkpoint of attempt {attempt}", lambda: _complete_checkpoint(folder), proc, log)
-            _wait_for(  # the heartbeat has recorded where this attempt resumed from
-                "the attempt's progress", lambda: _job(sessions, job_id).progress.get("attempt") == attempt, proc, log
-            )
+            checkpointed = lambda folder=folder: _complete_checkpoint(folder)  # noqa: E731
+            beaten = lambda attempt=attempt: _job(sessions, job_id).progress.get("attempt") == attempt  # noqa: E731
+            _wait_for(f"a checkpoint of attempt {attempt}", checkpointed, proc, log)
+            _wait_for("the attempt's progress", beaten, proc, log)  # heartbeat recorded where it resumed from
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
@@ -149,13 +159,13 @@ def _stop_steps(log: str, job_id: str) -> tuple[int, int]:
 
 
 def test_stolen_lease_and_cancel_stop_training_within_a_step(
-    settings: Settings, tiny_model: Path, tmp_path: Path
+    settings: Settings, tiny_model: Path, own_db: str, tmp_path: Path
 ) -> None:
     """One worker process: its first job's lease is stolen, its second job is cancelled (`big5 jobs cancel`).
 
     Each stops within one step of the heartbeat noticing, publishes nothing, leaves no staging folder.
     """
-    cfg = _config(settings, tiny_model)
+    cfg = _config(settings, tiny_model, own_db)
     stolen = submit(cfg, TrainSpec(conditions=["openness:low"], name="stolen", **LONG))
     cancelled = submit(cfg, TrainSpec(conditions=["openness:low"], name="cancelled", **LONG))
     engine = make_engine(str(cfg.database_url))

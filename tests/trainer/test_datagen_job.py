@@ -168,9 +168,9 @@ def test_a_killed_run_resumes_after_the_last_written_row(cfg: Settings, tmp_path
     with pytest.raises(Killed):
         generator.run(scenarios, part, check=die_after_two)
     assert not (tmp_path / "resumed.csv").exists()  # nothing final before the end
-    assert len(part.resume()) == 4  # two batches of two, durable
+    assert len(part.resume()) == 3  # batches never mix conditions: [101, 102], [103] of the first, durable
     summary = generator.run(scenarios, part)
-    assert summary.generated_now == 2 and summary.total == 6
+    assert summary.generated_now == 3 and summary.total == 6
     assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "whole.csv").read_text()
     assert (tmp_path / "resumed.rejected.csv").read_text() == (tmp_path / "whole.rejected.csv").read_text()
 

@@ -197,3 +197,34 @@ def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_mod
     assert not checkpoints.exists()
     assert [p.name for p in (cfg.adapters_dir / "sft-agreeableness-low").iterdir()] == ["v1"]
     engine.dispose()
+
+
+@pytest.mark.slow  # trains
+def test_dpo_after_sft_starts_from_the_sft_adapter(settings: Settings, tiny_model: Path) -> None:
+    """``init_from: sft``: the DPO adapter continues the registry's SFT adapter of the same condition."""
+    tiny = _tiny_settings(settings, tiny_model)
+    worker = Worker(tiny)
+    sft = TrainSpec(method="sft", layout="per-trait", conditions=["extraversion:high"], eval=False, **FAST)
+    worker.run_job(submit(tiny, sft))
+    # a vanishing learning rate: the DPO adapter then equals where it started
+    still = {**FAST, "learning_rate": 1e-12, "max_steps": 1}
+    dpo = TrainSpec(method="dpo", layout="per-trait", conditions=["extraversion:high"], init_from="sft", **still)
+    worker.run_job(submit(tiny, dpo))
+    fresh = TrainSpec(method="dpo", layout="per-trait", conditions=["extraversion:high"], name="fresh", **still)
+    worker.run_job(submit(tiny, fresh))
+    with session_factory(make_engine(tiny.resolved_database_url))() as session:
+        rows = {a.name: a for a in session.scalars(select(Adapter))}
+    assert rows["dpo-extraversion-high"].hyperparams["init_from"] == "sft"
+
+    def lora_b(name: str) -> dict[str, torch.Tensor]:
+        weights = load_file(Path(rows[name].path) / "adapter_model.safetensors")
+        return {k: t for k, t in weights.items() if "lora_B" in k}
+
+    started, sft_b, fresh_b = (
+        lora_b("dpo-extraversion-high"),
+        lora_b("sft-extraversion-high"),
+        lora_b("fresh-extraversion-high"),
+    )
+    assert started.keys() == sft_b.keys()
+    assert all(torch.allclose(started[k], sft_b[k], atol=1e-6) and sft_b[k].abs().sum() > 0 for k in sft_b)
+    assert all(t.abs().sum() < 1e-6 for t in fresh_b.values())  # a fresh LoRA starts with B = 0

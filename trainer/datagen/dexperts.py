@@ -7,9 +7,9 @@ Every step runs the base model and each expert on their own messages, each with 
     base + alpha * expert                    without one (BIG5-CHAT's formula: a product of experts,
                                              p ~ p_base * p_expert ** alpha)
 
-and samples one token that is appended to every stream. With alpha = 0 the combined logits equal
-the base logits bit for bit, so the text is the base model's own generation (``transformers``'
-``generate`` with the same sampling options and seed). An expert is a LoRA adapter on the same
+and samples one token that is appended to every stream. With alpha = 0 the combined logits are
+the base logits (the expert passes are skipped), so the text is the base model's own generation
+(``transformers``' ``generate`` with the same sampling options and seed). An expert is a LoRA adapter on the same
 PEFT model (the adapter switched on with ``set_adapter`` for its pass, off with
 ``disable_adapter()`` for the base pass: one set of weights), or a separate model with the same
 tokenizer. Rows of a batch are left-padded per stream; each row samples with its own seeded
@@ -159,12 +159,13 @@ class DExperts:
         base, logits = self._prefill(self.base, base_messages)
         streams.append(base)
         expert_logits = anti_logits = None
-        if self.expert is not None:
+        steered = alpha != 0  # at alpha 0 the experts cannot change a logit: their passes are skipped
+        if self.expert is not None and steered:
             if expert_messages is None or len(expert_messages) != n:
                 raise ValueError("expert_messages must give one conversation per row")
             expert, expert_logits = self._prefill(self.expert, expert_messages)
             streams.append(expert)
-        if self.antiexpert is not None:
+        if self.antiexpert is not None and steered:
             if antiexpert_messages is None or len(antiexpert_messages) != n:
                 raise ValueError("antiexpert_messages must give one conversation per row")
             anti, anti_logits = self._prefill(self.antiexpert, antiexpert_messages)

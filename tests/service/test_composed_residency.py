@@ -1,0 +1,50 @@
+"""Composed adapters stay loaded in the real engine up to a bound; the least recently used idle one goes."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from big5core.compose import COMPOSED_PREFIX
+from big5core.engine import PersonaEngine
+from big5core.settings import Settings
+from big5core.stack import Stack
+from service.app import create_app
+from service.serving import GenerationService
+from tests.service.conftest import with_service
+from tests.service.support import generate_body
+
+
+def _composed(client: TestClient, openness: float) -> str:
+    body = generate_body(traits={"openness": openness, "extraversion": -1}, max_tokens=1)
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+    name = response.json()["persona"]["adapter"]
+    assert name.startswith(COMPOSED_PREFIX)
+    return str(name)
+
+
+def test_composed_adapters_beyond_the_bound_are_unloaded(
+    service_settings: Settings, service_stack: Stack, engine: PersonaEngine, published: dict[str, str]
+) -> None:
+    app = create_app(with_service(service_settings, composed_cache_size=1), stack=service_stack, engine=engine)
+    with TestClient(app) as client:
+        _check(client, engine)
+
+
+def _check(client: TestClient, engine: PersonaEngine) -> None:
+    serving: GenerationService = client.app.state.service.serving  # type: ignore[attr-defined]
+    cache = serving.resolver._cache
+    capacity = serving.resident.capacity
+    assert capacity == engine.settings.max_loras  # never below a full batch, even with composed_cache_size=1
+    weights = [-0.75, -0.5, -0.25, 0.25, 0.75, 0.5][: capacity + 2]
+    names = [_composed(client, w) for w in weights]
+    assert len(set(names)) == len(names)
+
+    loaded = [n for n in names if n in engine.loras]
+    assert loaded == names[-capacity:]  # the most recently used stay loaded ...
+    gone = names[:-capacity]
+    assert gone and not set(gone) & set(cache.held())  # ... the others were unloaded and released on disk
+    assert set(loaded) <= set(cache.held())
+
+    again = _composed(client, weights[0])  # an unloaded vector is simply loaded again
+    assert again == names[0] and again in engine.loras
