@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--reply-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bootstrap", type=int, default=10_000)
+    parser.add_argument("--report-only", action="store_true", help="report what is stored; run nothing")
     args = parser.parse_args()
 
     from big5.quickstart import FULL_TRAINING, QUICK_TRAINING, dialogue_tables, plan_assessments, run_assessments
@@ -77,7 +78,8 @@ def main() -> None:
     planned = plan_assessments(
         stack, inventories, methods, runs=args.runs, items=args.items, reply_tokens=args.reply_tokens
     )
-    run_assessments(stack, [p for p in planned.values() if p.assessment_id is None], args.concurrency)
+    if not args.report_only:
+        run_assessments(stack, [p for p in planned.values() if p.assessment_id is None], args.concurrency)
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     for inventory in inventories:

@@ -153,6 +153,9 @@ def quickstart(
 
 def _quiet_libraries() -> None:
     """Progress bars and our own lines; the libraries' INFO chatter and dataset bars stay out of the way."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM configures its own loggers, engine process too
     for name in ("vllm", "transformers", "datasets", "httpx", "peft", "trl", "accelerate", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("trainer").setLevel(logging.WARNING)

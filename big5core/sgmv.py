@@ -90,12 +90,10 @@ def plan_rows(indices: torch.Tensor) -> RowPlan:
 class SlotVersions:
     """How often each adapter slot has been (re)written; packed weights are valid for one version."""
 
-    epoch: int = 0
     versions: dict[int, int] = field(default_factory=dict)
 
     def changed(self, slot: int) -> None:
         self.versions[slot] = self.versions.get(slot, 0) + 1
-        self.epoch += 1
 
     def of(self, slot: int) -> int:
         return self.versions.get(slot, 0)
@@ -129,8 +127,6 @@ class PackedLayer:
         self.out_sizes = [int(b.shape[2]) for b in b_stacked]
         self._slots: dict[int, _Packed] = {}
         self._batch: _Batch | None = None
-        self._checked_epoch = -1
-        self._batch_plan: RowPlan | None = None
 
     def _rank(self, slot: int) -> int:
         """The rank in use in ``slot``: rows of A beyond it are zero in every slice."""

@@ -103,13 +103,13 @@ def test_ensure_current_concurrent_on_postgres(empty_pg_url: str) -> None:
 
 
 def test_trainer_commands_work_on_a_fresh_data_dir(tmp_path: Path) -> None:
-    """`big5 jobs` on a machine that never ran anything: the default SQLite file is created and migrated."""
+    """`big5 jobs list` on a machine that never ran anything: the default SQLite file is created and migrated."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "BIG5_DATA_DIR": str(tmp_path / "data")}
     env.pop("BIG5_DATABASE_URL", None)
-    done = subprocess.run([sys.executable, "-m", "big5.cli", "jobs"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "big5.cli", "jobs", "list"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "data").is_dir()

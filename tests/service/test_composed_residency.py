@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from big5core.compose import COMPOSED_PREFIX
@@ -12,6 +13,8 @@ from service.app import create_app
 from service.serving import GenerationService
 from tests.service.conftest import with_service
 from tests.service.support import generate_body
+
+pytestmark = pytest.mark.unverified  # see pyproject: never run to completion here yet
 
 
 def _composed(client: TestClient, openness: float) -> str:

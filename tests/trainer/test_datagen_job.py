@@ -31,6 +31,9 @@ from trainer.datagen.job import resolve_conditions, submit
 from trainer.datagen.steering import SteeringModels
 from trainer.worker import Worker, job_snapshot
 
+pytestmark = pytest.mark.unverified  # see pyproject: never run to completion here yet
+
+
 SCENARIOS = (
     "original_index,relation,head,tail,literal,narrative,personx,persony,train_input\n"
     "101,xReact,PersonX helps PersonY,happy,,Ana helps Bo move house.,Ana,Bo,\n"
