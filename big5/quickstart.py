@@ -28,10 +28,41 @@ from big5core.traits import TRAITS, Level, Trait
 
 logger = logging.getLogger(__name__)
 
-# Measured on 2 CPU cores with the bundled 135M model, batch 4 x <= 160 tokens (docs/RESULTS.md):
-# SFT ~2.5-4 s/step, DPO ~8-10 s/step. The per-trait adapters are the persona and the parts every
-# composed trait vector is built from; the unified adapter is the paper's main method.
+# FULL_TRAINING is what docs/RESULTS.md measured (bench/fidelity.py, 2026-12-01): one core per job,
+# SFT ~6.5 s/step, DPO ~25 s/step at batch 4 x <= 160 tokens. QUICK_TRAINING halves the steps and
+# the DPO traits to fit the default run in about 30 minutes on 2 idle cores (an estimate from those
+# step times, not yet timed on a clean clone). The per-trait adapters are the persona and the parts
+# every composed trait vector is built from; the unified adapter is the paper's main method; DPO
+# starts from the SFT adapter of the same condition (`init_from`), the contrastive step that makes
+# an adapter use its level (docs/RESULTS.md: SFT alone leaves the unified adapter level-blind).
+_E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
+    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
+    "sft-unified": {
+        "method": "sft",
+        "layout": "unified",
+        "max_steps": 100,
+        "learning_rate": 1e-3,
+        "instruction_placement": "system",
+    },
+    "dpo-per-trait": {
+        "method": "dpo",
+        "layout": "per-trait",
+        "init_from": "sft",
+        "max_steps": 6,
+        "learning_rate": 5e-4,
+        "conditions": _E_A,
+    },
+    "dpo-unified": {
+        "method": "dpo",
+        "layout": "unified",
+        "init_from": "sft",
+        "max_steps": 10,
+        "learning_rate": 5e-4,
+        "instruction_placement": "system",
+    },
+}
+FULL_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 40, "learning_rate": 1e-3},
     "sft-unified": {
         "method": "sft",
@@ -43,21 +74,19 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "dpo-per-trait": {
         "method": "dpo",
         "layout": "per-trait",
+        "init_from": "sft",
         "max_steps": 12,
         "learning_rate": 5e-4,
-        "conditions": ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"],
+        "conditions": [*_E_A, "neuroticism:high", "neuroticism:low"],
     },
-}
-FULL_TRAINING: dict[str, dict[str, Any]] = {
-    "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 80, "learning_rate": 1e-3},
-    "sft-unified": {
-        "method": "sft",
+    "dpo-unified": {
+        "method": "dpo",
         "layout": "unified",
-        "max_steps": 500,
-        "learning_rate": 1e-3,
+        "init_from": "sft",
+        "max_steps": 20,
+        "learning_rate": 5e-4,
         "instruction_placement": "system",
     },
-    "dpo-per-trait": {"method": "dpo", "layout": "per-trait", "max_steps": 30, "learning_rate": 5e-4},
 }
 COMMON_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 4,
@@ -98,16 +127,20 @@ class Stages:
 
 
 def quickstart(
-    inventory: Annotated[list[str] | None, typer.Option(help="questionnaires (default ipip_neo_120 and bfi44)")] = None,
+    inventory: Annotated[
+        list[str] | None, typer.Option(help="questionnaires (default bfi44; --full adds ipip_neo_120)")
+    ] = None,
     methods: Annotated[
         list[str] | None, typer.Option(help="methods to assess (default direct prompt demo sft dpo)")
     ] = None,
     skip_training: Annotated[bool, typer.Option(help="assess only what is already trained")] = False,
     full: Annotated[bool, typer.Option(help="train longer and ask every held-out turn (the bench's plan)")] = False,
     dialogue_items: Annotated[
-        int | None, typer.Option(min=1, help="held-out Speaker X turns asked per persona (default 16; --full all)")
+        int | None, typer.Option(min=1, help="held-out Speaker X turns asked per persona (default 12; --full all)")
     ] = None,
-    reply_tokens: Annotated[int, typer.Option(min=8, max=256, help="dialogue reply length in tokens")] = 48,
+    reply_tokens: Annotated[
+        int | None, typer.Option(min=8, max=256, help="dialogue reply length in tokens (default 48; --full 64)")
+    ] = None,
     runs: Annotated[
         int, typer.Option(min=1, help="questionnaire runs per assessment (instruction variants cycle)")
     ] = 1,
@@ -120,10 +153,11 @@ def quickstart(
     stages = Stages()
     started = time.monotonic()
     settings = get_settings()
-    inventories = inventory or ["ipip_neo_120", "bfi44"]
+    inventories = inventory or (["ipip_neo_120", "bfi44"] if full else ["bfi44"])
     wanted = methods or ["direct", "prompt", "demo", "sft", "dpo"]
     plan = FULL_TRAINING if full else QUICK_TRAINING
-    items = dialogue_items if dialogue_items is not None else (None if full else 16)
+    items = dialogue_items if dialogue_items is not None else (None if full else 12)
+    reply_tokens = reply_tokens or (64 if full else 48)
     typer.echo(f"data dir: {settings.data_dir.resolve()}  database: {settings.resolved_database_url}")
     from big5core.stack import build_stack
 
