@@ -346,11 +346,15 @@ class ComposedCache:
         while True:
             handle = self._open_lock(name)
             try:
-                _flock(handle, exclusive=True)
+                # A hit needs only the shared lock (so another holder of it, even in this process, never
+                # blocks it); building takes the exclusive one (flock converts by release and re-take).
+                _flock(handle, exclusive=False)
                 if not self._is_built(folder, expected):
-                    hit = False
-                    self._build(name, folder, parts, part_meta, expected)
-                _flock(handle, exclusive=False)  # not atomic: an evictor may slip in, checked below
+                    _flock(handle, exclusive=True)
+                    if not self._is_built(folder, expected):
+                        hit = False
+                        self._build(name, folder, parts, part_meta, expected)
+                    _flock(handle, exclusive=False)  # not atomic: an evictor may slip in, checked below
                 if self._is_built(folder, expected):
                     with self._lock:
                         self._holds[name] = handle

@@ -330,13 +330,21 @@ def test_composed_adapter_built_once_under_concurrency(env: Env, monkeypatch: py
 
 def test_lru_eviction(env: Env) -> None:
     resolver = env.resolver()  # budget 2
-    a = resolver.resolve(spec("sft", openness=0.5)).adapter_path
-    b = resolver.resolve(spec("sft", openness=0.25)).adapter_path
+
+    def use(value: float) -> Path | None:
+        """Resolve, then release as the service does once the engine unloads it (held folders stay)."""
+        resolved = resolver.resolve(spec("sft", openness=value))
+        assert resolved.adapter_name is not None
+        resolver.release_composed(resolved.adapter_name)
+        return resolved.adapter_path
+
+    a = use(0.5)
+    b = use(0.25)
     assert a is not None and b is not None
-    resolver.resolve(spec("sft", openness=0.5))  # a is now the most recently used
-    c = resolver.resolve(spec("sft", openness=0.75)).adapter_path
+    use(0.5)  # a is now the most recently used
+    c = use(0.75)
     assert a.is_dir() and c is not None and c.is_dir() and not b.exists()
-    resolver.resolve(spec("sft", openness=0.25))  # b again: rebuilt, evicting a (older than c)
+    use(0.25)  # b again: rebuilt, evicting a (older than c)
     assert b.is_dir() and c.is_dir() and not a.exists()
     assert resolver.stats == {"composed_hits": 1, "composed_misses": 4}
     assert sorted(p.name for p in resolver.composed_dir.iterdir() if not p.name.startswith(".")) == sorted(
