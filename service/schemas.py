@@ -119,7 +119,9 @@ class GenerateRequest(_Strict):
     max_tokens: int = Field(128, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, description="Sampling seed (reproducible sampling at temperature > 0).")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Sampling seed (reproducible sampling at temperature > 0)."
+    )
     stop: Stop = None
     stream: bool = Field(False, description="Server-sent events: deltas, then a final event with usage.")
 
@@ -202,7 +204,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: what the context leaves.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
