@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from big5core.errors import Invalid
+from big5core.training import normalise_conditions, parse_conditions
 from big5core.traits import Level, Trait
 
 DATAGEN_KIND = "datagen"
@@ -72,20 +73,7 @@ class DatagenSpec(BaseModel):
     @field_validator("conditions")
     @classmethod
     def _valid_conditions(cls, value: list[str]) -> list[str]:
-        out: list[str] = []
-        for item in value:
-            trait_text, sep, level_text = item.partition(":")
-            if not sep:
-                raise ValueError(f"condition {item!r} must be trait:level, e.g. openness:high")
-            try:
-                key = f"{Trait.parse(trait_text).value}:{Level(level_text.strip().lower()).value}"
-            except ValueError as exc:
-                raise ValueError(f"condition {item!r}: {exc}") from None
-            if key not in out:
-                out.append(key)
-        if not out:
-            raise ValueError("at least one condition is needed")
-        return out
+        return normalise_conditions(value)
 
     def parsed_conditions(self) -> list[tuple[Trait, Level]]:
-        return [(Trait(c.split(":")[0]), Level(c.split(":")[1])) for c in self.conditions]
+        return parse_conditions(self.conditions)

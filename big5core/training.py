@@ -17,6 +17,38 @@ Layout = Literal["unified", "per-trait"]
 ALL_CONDITIONS: tuple[str, ...] = tuple(f"{t.value}:{lv.value}" for t in Trait for lv in Level)
 
 
+def normalise_conditions(value: list[str]) -> list[str]:
+    """``trait:level`` conditions in canonical form (``openness:high``), first occurrence kept.
+
+    A trait may be written as :meth:`Trait.parse` takes it, a level in any case. Raises ValueError
+    (a pydantic validator's error) for a malformed condition or an empty list.
+    """
+    out: list[str] = []
+    for item in value:
+        trait_text, sep, level_text = item.partition(":")
+        if not sep:
+            raise ValueError(f"condition {item!r} must be trait:level, e.g. openness:high")
+        try:
+            trait = Trait.parse(trait_text)
+        except ValueError as exc:
+            raise ValueError(f"condition {item!r}: {exc}") from None
+        try:
+            level = Level(level_text.strip().lower())
+        except ValueError:
+            raise ValueError(f"condition {item!r}: level must be high or low") from None
+        key = f"{trait.value}:{level.value}"
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise ValueError("at least one condition is needed")
+    return out
+
+
+def parse_conditions(conditions: list[str]) -> list[tuple[Trait, Level]]:
+    """Canonical ``trait:level`` conditions (see :func:`normalise_conditions`) as (trait, level) pairs."""
+    return [(Trait(trait), Level(level)) for trait, _, level in (c.partition(":") for c in conditions)]
+
+
 class LoraOptions(BaseModel):
     """LoRA shape. Defaults are the paper's (r=8, alpha=16, dropout 0, all linear projections)."""
 
@@ -81,25 +113,10 @@ class TrainSpec(BaseModel):
     @field_validator("conditions")
     @classmethod
     def _valid_conditions(cls, value: list[str]) -> list[str]:
-        out: list[str] = []
-        for item in value:
-            trait_text, sep, level_text = item.partition(":")
-            if not sep:
-                raise ValueError(f"condition {item!r} must be trait:level, e.g. openness:high")
-            trait = Trait.parse(trait_text)
-            try:
-                level = Level(level_text.strip().lower())
-            except ValueError:
-                raise ValueError(f"condition {item!r}: level must be high or low") from None
-            key = f"{trait.value}:{level.value}"
-            if key not in out:
-                out.append(key)
-        if not out:
-            raise ValueError("at least one condition is needed")
-        return out
+        return normalise_conditions(value)
 
     def parsed_conditions(self) -> list[tuple[Trait, Level]]:
-        return [(Trait(c.split(":")[0]), Level(c.split(":")[1])) for c in self.conditions]
+        return parse_conditions(self.conditions)
 
     def adapter_name(self, condition: tuple[Trait, Level] | None) -> str:
         prefix = self.name or self.method
