@@ -100,6 +100,15 @@ def load_rows(source: str | Path) -> list[Row]:
     return rows
 
 
+def read_records(path: Path) -> list[Record]:
+    """The records of a local ``.csv``/``.jsonl``/``.parquet`` file (or a folder holding the released CSV).
+
+    Empty CSV cells are None. Raises :class:`DatasetError` for a folder without the released CSV, an
+    unsupported file type, an empty file and a JSONL line that is not a JSON object.
+    """
+    return _read_file(Path(path))[0]
+
+
 def _read_source(source: str | Path) -> tuple[list[Record], str]:
     if isinstance(source, str) and source == BUNDLED_REAL:
         return _read_file(bundled_path())

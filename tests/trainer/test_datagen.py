@@ -143,6 +143,9 @@ def test_read_scenarios(tmp_path: Path) -> None:
         ("empty.csv", "original_index,head\n,PersonX sings\n", "null original_index"),
         ("bare.csv", "original_index,head\n3,\n", "has no narrative, literal, head or train_input"),
         ("bad.jsonl", "{not json\n", "line 1 is not valid JSON"),
+        ("list.jsonl", "\n[1]\n", "line 2 is not a JSON object"),
+        ("zero.csv", "", "empty file"),
+        ("header.csv", "original_index,head\n", "no scenarios in"),
     ]:
         target = tmp_path / name
         if text is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from big5core.datagen import DatagenError
+from big5core.dataset import DatasetError, read_records
 
 SCENARIO_COLUMNS: tuple[str, ...] = (
     "original_index",
@@ -62,6 +63,7 @@ PROVENANCE_COLUMNS: tuple[str, ...] = (
     "gate",
 )
 OUTPUT_COLUMNS: tuple[str, ...] = RELEASED_COLUMNS + PROVENANCE_COLUMNS
+SCENARIO_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl")
 KEPT = "kept"
 
 
@@ -95,25 +97,13 @@ class Scenario:
 def _records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DatagenError(f"no such scenarios file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            return [{k: v for k, v in rec.items() if k is not None} for rec in csv.DictReader(handle)]
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatagenError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise DatagenError(f"{path}: line {line_no} is not a JSON object")
-                records.append(record)
-        return records
-    raise DatagenError(f"unsupported scenarios file type {suffix or '(none)'!r} for {path}; expected .csv or .jsonl")
+    if (suffix := path.suffix.lower()) not in SCENARIO_SUFFIXES:
+        expected = " or ".join(SCENARIO_SUFFIXES)
+        raise DatagenError(f"unsupported scenarios file type {suffix or '(none)'!r} for {path}; expected {expected}")
+    try:
+        return read_records(path)
+    except DatasetError as exc:
+        raise DatagenError(str(exc)) from None
 
 
 def _text(value: Any) -> str:
