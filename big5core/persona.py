@@ -28,7 +28,6 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -52,14 +51,14 @@ from big5core.prompts import (
 )
 from big5core.registry import AdapterRef, ChecksumMismatch, RegistryError
 from big5core.settings import Settings
-from big5core.traits import TRAITS, Level, Trait, TraitVector
+from big5core.traits import TRAITS, Level, Method, Trait, TraitVector
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterNotReadyError",
     "ChecksumMismatch",
-    "Method",
+    "Method",  # big5core.traits.Method, re-exported for callers that import it from here
     "PersonaError",
     "PersonaNotFound",
     "PersonaResolver",
@@ -72,16 +71,6 @@ __all__ = [
 KEY_PREFIX = "big5/"
 UNIFIED, PER_TRAIT = "unified", "per-trait"
 COMPOSED_DIRNAME = "_composed"
-
-
-class Method(StrEnum):
-    SFT = "sft"
-    DPO = "dpo"
-    PROMPT = "prompt"
-    DEMO = "demo"
-    DIRECT = "direct"
-
-
 ADAPTER_METHODS = (Method.SFT, Method.DPO)
 
 

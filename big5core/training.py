@@ -9,9 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from big5core.traits import Level, Trait
+from big5core.traits import Level, Method, Trait
 
-Method = Literal["sft", "dpo"]
 Layout = Literal["unified", "per-trait"]
 
 ALL_CONDITIONS: tuple[str, ...] = tuple(f"{t.value}:{lv.value}" for t in Trait for lv in Level)
@@ -65,7 +64,9 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Method = Field("sft", description="sft (SFTTrainer) or dpo (DPOTrainer, rejected = opposite level)")
+    method: Literal[Method.SFT, Method.DPO] = Field(
+        Method.SFT, description="sft (SFTTrainer) or dpo (DPOTrainer, rejected = opposite level)"
+    )
     layout: Layout = Field("unified", description="unified: one adapter, 10 conditions by instruction")
     conditions: list[str] = Field(
         default_factory=lambda: list(ALL_CONDITIONS),

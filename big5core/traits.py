@@ -1,7 +1,7 @@
-"""The Big Five traits, their levels and validated trait vectors.
+"""The Big Five traits, their levels, validated trait vectors and the methods that induce a persona.
 
-This module is the one place that names the traits. Training data, prompts, the persona
-resolver and the questionnaire scorer all speak in these terms.
+This module is the one place that names the traits and the methods. Training data, prompts, the
+persona resolver and the questionnaire scorer all speak in these terms.
 """
 
 from __future__ import annotations
@@ -63,6 +63,16 @@ class Level(StrEnum):
     @property
     def sign(self) -> float:
         return 1.0 if self is Level.HIGH else -1.0
+
+
+class Method(StrEnum):
+    """How a persona is induced: an adapter (sft, dpo), Prompt-Inst (prompt), Prompt-Demo (demo) or none (direct)."""
+
+    SFT = "sft"
+    DPO = "dpo"
+    PROMPT = "prompt"
+    DEMO = "demo"
+    DIRECT = "direct"
 
 
 TraitValue = Annotated[float, Field(ge=-1.0, le=1.0)] | Literal["high", "low"]

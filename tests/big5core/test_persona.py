@@ -20,7 +20,6 @@ from big5core.modelstore import sha256_tree
 from big5core.persona import (
     AdapterNotReadyError,
     ChecksumMismatch,
-    Method,
     PersonaError,
     PersonaNotFound,
     PersonaResolver,
@@ -29,7 +28,7 @@ from big5core.persona import (
 )
 from big5core.prompts import ChatMessage, TemplateId, prompt_inst, unified_instruction
 from big5core.settings import EngineSettings, ServiceSettings, Settings
-from big5core.traits import Level, Trait
+from big5core.traits import Level, Method, Trait
 
 BASE = "tiny/llama-test"
 MODULES = ("q_proj", "v_proj")

@@ -169,8 +169,9 @@ def test_dialogue_assessment_on_the_real_engine(stack: Stack, engine: Any, judge
 
 def test_an_adapter_that_saw_the_held_out_scenarios_is_refused(stack: Stack) -> None:
     from big5core.models import Adapter
-    from big5core.persona import Method, ResolvedPersona
+    from big5core.persona import ResolvedPersona
     from big5core.prompts import TemplateId
+    from big5core.traits import Method
     from evaluator.dialogue import HeldOutOverlap, check_unseen
 
     turns = load_dialogue_set()
