@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core import registry
-from big5core.compose import COMPOSED_PREFIX, ComposedCache
+from big5core.compose_cache import COMPOSED_PREFIX, ComposedCache
 from big5core.errors import Invalid, NotFound
 from big5core.models import Adapter
 from big5core.prompts import (

@@ -9,7 +9,7 @@ Every call is admitted first (:class:`~service.state.Admission`) and bounded by
 ``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
 
 Composed adapters (one per trait vector asked for) stay loaded in the engine up to a bound
-(:class:`~big5core.compose.Residency`): beyond it the least recently used one that no request is
+(:class:`~big5core.compose_cache.Residency`): beyond it the least recently used one that no request is
 using is unloaded from the engine and released on disk, so the shared composed cache may evict it.
 """
 
@@ -23,7 +23,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from big5core.compose import COMPOSED_PREFIX, Residency
+from big5core.compose_cache import COMPOSED_PREFIX, Residency
 from big5core.engine import (
     EngineNotReady,
     GenerationChunk,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from big5core.compose import ComposedCache, Residency, compose_adapters, read_manifest
+from big5core.compose import compose_adapters, read_manifest
+from big5core.compose_cache import ComposedCache, Residency
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 
@@ -50,7 +51,7 @@ REPLICA = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from big5core.compose import ComposedCache
+    from big5core.compose_cache import ComposedCache
 
     root, name, parts, start, hold = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
     vector = [(Path(p), w) for p, w in parts]

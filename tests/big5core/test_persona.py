@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-import big5core.compose as compose_module
+import big5core.compose_cache as compose_cache_module
 from big5core.compose import delta_weights
 from big5core.db import make_engine, session_factory
 from big5core.models import Adapter, AdapterState, Base
@@ -291,13 +291,13 @@ def test_composed_rank_over_the_engine_limit(env: Env) -> None:
 
 def test_composed_adapter_built_once_under_concurrency(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     builds: list[Path] = []
-    real = compose_module.compose_adapters
+    real = compose_cache_module.compose_adapters
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         builds.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compose_module, "compose_adapters", counting)
+    monkeypatch.setattr(compose_cache_module, "compose_adapters", counting)
     resolver = env.resolver()
     barrier = threading.Barrier(8)
     results, errors = [], []

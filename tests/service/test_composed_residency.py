@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.compose import COMPOSED_PREFIX
+from big5core.compose_cache import COMPOSED_PREFIX
 from big5core.engine import PersonaEngine
 from big5core.settings import Settings
 from big5core.stack import Stack
