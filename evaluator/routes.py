@@ -25,6 +25,7 @@ from evaluator.schemas import (
     InventoryUpload,
     ItemResponseOut,
     TraitScoreOut,
+    public_progress,
 )
 
 
@@ -52,7 +53,7 @@ def assessment_out(a: Assessment) -> AssessmentOut:
         scoring=a.scoring_mode,
         runs=a.runs,
         options=a.options,
-        progress={k: v for k, v in (a.progress or {}).items() if k not in ("owner",)},
+        progress=public_progress(a.progress),
         error=a.error,
         traits=traits,
         facets=facets,
@@ -75,13 +76,9 @@ def build_router(
     @router.post("/assess", status_code=status.HTTP_202_ACCEPTED, response_model=AssessAccepted)
     async def assess(body: AssessRequest, runner: RunnerDep, response: Response) -> AssessAccepted:
         """Start an assessment in the background; poll GET /v1/assessments/{id}."""
-        assessment_id = await runner.submit(body)
-        response.headers["Location"] = f"/v1/assessments/{assessment_id}"
-        return AssessAccepted(
-            id=assessment_id,
-            state="queued",
-            links={"self": f"/v1/assessments/{assessment_id}", "items": f"/v1/assessments/{assessment_id}/items"},
-        )
+        accepted = AssessAccepted.queued("/v1/assessments", await runner.submit(body))
+        response.headers["Location"] = accepted.links["self"]
+        return accepted
 
     @router.get("/assessments/{assessment_id}", response_model=AssessmentOut)
     def get_assessment(assessment_id: str, session: SessionDep) -> AssessmentOut:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -94,10 +95,27 @@ class AssessRequest(BaseModel):
         return self
 
 
-class AssessAccepted(BaseModel):
+class RunAccepted(BaseModel):
+    """A background run (an assessment, a reasoning run) is queued: poll ``links["self"]``."""
+
     id: str
     state: str
     links: dict[str, str]
+
+    @classmethod
+    def queued(cls, collection: str, run_id: str) -> Self:
+        """The 202 reply for run ``run_id`` of ``collection`` (``/v1/assessments``); set its self link as Location."""
+        location = f"{collection}/{run_id}"
+        return cls(id=run_id, state="queued", links={"self": location, "items": f"{location}/items"})
+
+
+def public_progress(progress: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A run's progress as the API shows it: without the ``owner`` (host and process) its heartbeat names."""
+    return {k: v for k, v in (progress or {}).items() if k != "owner"}
+
+
+class AssessAccepted(RunAccepted):
+    pass  # a name of its own in the OpenAPI document
 
 
 class TraitScoreOut(BaseModel):

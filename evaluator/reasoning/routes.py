@@ -26,6 +26,7 @@ from evaluator.reasoning.schemas import (
     UnitOut,
 )
 from evaluator.reasoning.settings import get_reasoning_settings
+from evaluator.schemas import public_progress
 
 
 class HasStack(Protocol):
@@ -44,7 +45,7 @@ def run_out(run: ReasoningRun) -> ReasoningRunOut:
         limit=run.item_limit,
         options=run.options,
         lm_eval_version=run.lm_eval_version,
-        progress={k: v for k, v in (run.progress or {}).items() if k != "owner"},
+        progress=public_progress(run.progress),
         error=run.error,
         results=[UnitOut.model_validate(r, from_attributes=True) for r in run.results],
         created_at=run.created_at,
@@ -81,13 +82,9 @@ def build_router(
     @router.post("/reasoning", status_code=status.HTTP_202_ACCEPTED, response_model=ReasoningAccepted)
     async def start(body: ReasoningRequest, runner: RunnerDep, response: Response) -> ReasoningAccepted:
         """Evaluate personas on reasoning tasks in the background; poll GET /v1/reasoning/{id}."""
-        run_id = await runner.submit(body)
-        response.headers["Location"] = f"/v1/reasoning/{run_id}"
-        return ReasoningAccepted(
-            id=run_id,
-            state="queued",
-            links={"self": f"/v1/reasoning/{run_id}", "items": f"/v1/reasoning/{run_id}/items"},
-        )
+        accepted = ReasoningAccepted.queued("/v1/reasoning", await runner.submit(body))
+        response.headers["Location"] = accepted.links["self"]
+        return accepted
 
     @router.get("/reasoning/{run_id}", response_model=ReasoningRunOut)
     def get_run(run_id: str, session: SessionDep) -> ReasoningRunOut:
@@ -100,22 +97,7 @@ def build_router(
         task: str | None = None,
         persona: Annotated[str | None, Query(description="canonical persona key")] = None,
     ) -> list[ReasoningItemOut]:
-        return [
-            ReasoningItemOut(
-                task=r.task,
-                persona_key=r.persona_key,
-                doc_index=i.doc_index,
-                item_id=i.item_id,
-                target=i.target,
-                loglikelihoods=i.loglikelihoods,
-                greedy=i.greedy,
-                generated=i.generated,
-                score=i.score,
-                correct=i.correct,
-                metrics=i.metrics,
-            )
-            for r, i in store.items(session, run_id, task=task, persona_key=persona)
-        ]
+        return [ReasoningItemOut.of(r, i) for r, i in store.items(session, run_id, task=task, persona_key=persona)]
 
     @router.get("/reasoning", response_model=list[ReasoningRunOut])
     def list_runs(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from big5core.persona import PersonaSpec
+from evaluator.schemas import RunAccepted
+
+if TYPE_CHECKING:
+    from big5core.models import ReasoningItem, ReasoningResult
 
 PersonaIn = str | PersonaSpec
 
@@ -45,10 +49,8 @@ class ReasoningRequest(BaseModel):
         return [persona_spec(p) for p in self.personas]
 
 
-class ReasoningAccepted(BaseModel):
-    id: str
-    state: str
-    links: dict[str, str]
+class ReasoningAccepted(RunAccepted):
+    pass  # a name of its own in the OpenAPI document
 
 
 class UnitOut(BaseModel):
@@ -80,6 +82,8 @@ class ReasoningRunOut(BaseModel):
 
 
 class ReasoningItemOut(BaseModel):
+    """One stored item with its unit's task and persona."""
+
     task: str
     persona_key: str
     doc_index: int
@@ -91,6 +95,12 @@ class ReasoningItemOut(BaseModel):
     score: float
     correct: bool
     metrics: dict[str, Any]
+
+    @classmethod
+    def of(cls, result: ReasoningResult, item: ReasoningItem) -> ReasoningItemOut:
+        """Every field but ``task`` and ``persona_key`` (the unit's) is the item's column of that name."""
+        columns = {name: getattr(item, name) for name in cls.model_fields if name not in ("task", "persona_key")}
+        return cls(task=result.task, persona_key=result.persona_key, **columns)
 
 
 class ReasoningCompareRequest(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -96,20 +97,7 @@ def add_unit(session: Session, run_id: str, unit: UnitResult) -> ReasoningResult
         n_items=len(unit.items),
         seconds=unit.seconds,
     )
-    result.items = [
-        ReasoningItem(
-            doc_index=i.doc_index,
-            item_id=i.item_id,
-            target=i.target,
-            loglikelihoods=i.loglikelihoods,
-            greedy=i.greedy,
-            generated=i.generated,
-            score=i.score,
-            correct=i.correct,
-            metrics=i.metrics,
-        )
-        for i in unit.items
-    ]
+    result.items = [ReasoningItem(**dataclasses.asdict(i)) for i in unit.items]  # ItemResult: the item columns
     session.add(result)
     session.flush()
     return result
