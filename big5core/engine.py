@@ -32,7 +32,7 @@ from big5core.prompts import ChatMessage
 from big5core.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from vllm import RequestOutput, SamplingParams
+    from vllm import CompletionOutput, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -548,12 +548,24 @@ class PersonaEngine:
         request_id: str | None = None,
         **extra: Any,
     ) -> _Prepared:
-        """Checks readiness and length, tokenises the rendered chat, builds vLLM's request pieces."""
+        """Checks readiness, tokenises the rendered chat, then as :meth:`_prepare_ids`."""
+        self._require()
+        return self._prepare_ids(self.encode(self.render(messages)), sampling, kind, lora, request_id, **extra)
+
+    def _prepare_ids(
+        self,
+        token_ids: list[int],
+        sampling: SamplingOptions,
+        kind: str,
+        lora: LoraHandle | None,
+        request_id: str | None = None,
+        **extra: Any,
+    ) -> _Prepared:
+        """Checks readiness and length, builds vLLM's request pieces for the prompt ``token_ids``."""
         self._require()
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        token_ids = self.encode(self.render(messages))
         if len(token_ids) + sampling.max_tokens > self._max_model_len:
             raise PromptTooLong(len(token_ids), sampling.max_tokens, self._max_model_len)
         params = SamplingParams(
@@ -585,6 +597,13 @@ class PersonaEngine:
             raise RuntimeError(f"request {prepared.request_id} produced no output")
         return final
 
+    async def _first_step(self, prepared: _Prepared) -> tuple[Any, CompletionOutput]:
+        """Run a request that asks for log-probabilities: those of its first step, and its completion."""
+        completion = (await self._call(self._final_on_loop(prepared))).outputs[0]
+        if not completion.logprobs:
+            raise RuntimeError(f"request {prepared.request_id} returned no log-probabilities")
+        return completion.logprobs[0], completion
+
     async def generate(
         self,
         messages: Sequence[ChatMessage],
@@ -593,7 +612,22 @@ class PersonaEngine:
         request_id: str | None = None,
     ) -> GenerationResult:
         """Generate one reply (``lora=None``: the base model)."""
-        prepared = self._prepare(messages, sampling, "FINAL_ONLY", lora, request_id)
+        return await self._generate(self._prepare(messages, sampling, "FINAL_ONLY", lora, request_id))
+
+    async def generate_ids(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingOptions,
+        lora: LoraHandle | None = None,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Generate from prompt token ids as they are, no chat template applied (lm-eval renders its own).
+
+        :class:`PromptTooLong` unless the prompt and ``sampling.max_tokens`` fit the context.
+        """
+        return await self._generate(self._prepare_ids(list(token_ids), sampling, "FINAL_ONLY", lora, request_id))
+
+    async def _generate(self, prepared: _Prepared) -> GenerationResult:
         completion = (await self._call(self._final_on_loop(prepared))).outputs[0]
         return GenerationResult(
             text=completion.text,
@@ -659,11 +693,25 @@ class PersonaEngine:
         self._require()
         ids = self.option_token_ids(options)
         prepared = self._prepare(messages, SamplingOptions(max_tokens=1), "FINAL_ONLY", lora, logprob_token_ids=ids)
-        logprobs = (await self._call(self._final_on_loop(prepared))).outputs[0].logprobs
-        if not logprobs:
-            raise RuntimeError(f"request {prepared.request_id} returned no log-probabilities")
-        step = logprobs[0]
+        step, _ = await self._first_step(prepared)
         return OptionScores.from_logprobs([step[i].logprob if i in step else -math.inf for i in ids])
+
+    async def next_token_logprobs(
+        self, prompt_ids: Sequence[int], token_ids: Sequence[int], lora: LoraHandle | None = None
+    ) -> list[tuple[float, bool]]:
+        """Per single-token continuation in ``token_ids``: its log-probability after ``prompt_ids`` and
+        whether it is the argmax, from ONE greedy one-token request with ``logprob_token_ids`` (the
+        log-softmax of the raw logits). No chat template: the ids are the whole prompt."""
+        wanted = list(dict.fromkeys(token_ids))
+        prepared = self._prepare_ids(
+            list(prompt_ids), SamplingOptions(max_tokens=1), "FINAL_ONLY", lora, logprob_token_ids=wanted
+        )
+        step, completion = await self._first_step(prepared)
+        chosen = completion.token_ids[0]
+        missing = [t for t in wanted if t not in step]
+        if missing:
+            raise RuntimeError(f"request {prepared.request_id}: no log-probability for token ids {missing}")
+        return [(float(step[t].logprob), t == chosen) for t in token_ids]
 
     async def continuation_logprobs(
         self,

@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import logging
 import threading
-import uuid
 from collections import defaultdict
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -181,7 +180,7 @@ class Big5LM(LM):
         pairs = [encode_pair(self.engine.tokenizer, prompt, c) for c in continuations]
         head = pairs[0][0]
         if head and all(len(cont) == 1 and ctx == head for ctx, cont in pairs):
-            return await next_token_scores(self.engine, head, [cont[0] for _, cont in pairs], self.lora)
+            return await self.engine.next_token_logprobs(head, [cont[0] for _, cont in pairs], self.lora)
         scores = await self.engine.continuation_logprobs(prompt, continuations, self.lora)
         return [(s.logprob, s.greedy) for s in scores]
 
@@ -209,59 +208,15 @@ class Big5LM(LM):
         return await generate_text(self.engine, self.prompt(context), options, self.lora)
 
 
-async def next_token_scores(
-    engine: PersonaEngine, context_ids: list[int], token_ids: list[int], lora: LoraHandle | None = None
-) -> list[tuple[float, bool]]:
-    """Log-probability of each single-token continuation after ``context_ids`` and whether it is the argmax,
-    from ONE greedy one-token request with ``logprob_token_ids`` (log-softmax of the raw logits)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    from big5core.engine import _Prepared
-
-    engine._require()
-    wanted = list(dict.fromkeys(token_ids))
-    params = SamplingParams(
-        max_tokens=1, temperature=0.0, logprob_token_ids=wanted, output_kind=RequestOutputKind.FINAL_ONLY
-    )
-    prepared = _Prepared(list(context_ids), params, engine._lora_request(lora), uuid.uuid4().hex)
-    completion = (await engine._call(engine._final_on_loop(prepared))).outputs[0]
-    if not completion.logprobs:
-        raise RuntimeError(f"request {prepared.request_id} returned no log-probabilities")
-    step, chosen = completion.logprobs[0], completion.token_ids[0]
-    missing = [t for t in wanted if t not in step]
-    if missing:
-        raise RuntimeError(f"request {prepared.request_id}: no log-probability for token ids {missing}")
-    return [(float(step[t].logprob), t == chosen) for t in token_ids]
-
-
 async def generate_text(
     engine: PersonaEngine, prompt: str, sampling: SamplingOptions, lora: LoraHandle | None = None
 ) -> str:
     """Generate from raw text (no chat template: lm-eval has rendered it or wants none).
 
-    PersonaEngine has no public raw-text generation yet (its ``generate`` renders the chat template), so
-    this uses its request pieces directly. The context is cut from the left to fit, as lm-eval's HF model does.
+    The context is cut from the left to fit, as lm-eval's HF model does.
     """
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    from big5core.engine import _Prepared
-
-    engine._require()
     token_ids = engine.encode(prompt)
     room = engine.max_model_len - sampling.max_tokens
     if room < 1:
         raise ValueError(f"max_gen_toks {sampling.max_tokens} leaves no room in context {engine.max_model_len}")
-    token_ids = token_ids[-room:]
-    params = SamplingParams(
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-        stop=list(sampling.stop) if sampling.stop else None,
-        output_kind=RequestOutputKind.FINAL_ONLY,
-    )
-    prepared = _Prepared(token_ids, params, engine._lora_request(lora), uuid.uuid4().hex)
-    output = await engine._call(engine._final_on_loop(prepared))
-    return str(output.outputs[0].text)
+    return (await engine.generate_ids(token_ids[-room:], sampling, lora)).text
