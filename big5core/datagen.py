@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from big5core.errors import Invalid
-from big5core.training import normalise_conditions, parse_conditions
-from big5core.traits import Level, Trait
+from big5core.training import ConditionsSpec
 
 DATAGEN_KIND = "datagen"
 
@@ -28,7 +27,7 @@ class DatagenError(Invalid):
     code, title = "invalid-datagen-job", "The data-generation job cannot run as given"
 
 
-class DatagenSpec(BaseModel):
+class DatagenSpec(ConditionsSpec):
     """One generation run: scenarios in, BIG5-CHAT rows out, steered by an expert per condition."""
 
     model_config = ConfigDict(extra="forbid")
@@ -69,11 +68,3 @@ class DatagenSpec(BaseModel):
     min_judge: float | None = Field(
         None, ge=0, le=1, description="reject rows whose judged P(target level) is below this (needs a judge)"
     )
-
-    @field_validator("conditions")
-    @classmethod
-    def _valid_conditions(cls, value: list[str]) -> list[str]:
-        return normalise_conditions(value)
-
-    def parsed_conditions(self) -> list[tuple[Trait, Level]]:
-        return parse_conditions(self.conditions)

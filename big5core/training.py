@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,7 +59,23 @@ class LoraOptions(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class TrainSpec(BaseModel):
+class ConditionsSpec(BaseModel):
+    """A spec with a ``conditions`` field (declared by each subclass with its own default and description):
+    validated by :func:`normalise_conditions`, read as (trait, level) pairs by :meth:`parsed_conditions`."""
+
+    if TYPE_CHECKING:  # a field of the subclasses, not of this base (which would put it first)
+        conditions: list[str]
+
+    @field_validator("conditions", check_fields=False)
+    @classmethod
+    def _valid_conditions(cls, value: list[str]) -> list[str]:
+        return normalise_conditions(value)
+
+    def parsed_conditions(self) -> list[tuple[Trait, Level]]:
+        return parse_conditions(self.conditions)
+
+
+class TrainSpec(ConditionsSpec):
     """Everything a training run needs besides the base model. Defaults follow BIG5-CHAT."""
 
     model_config = ConfigDict(extra="forbid")
@@ -110,14 +126,6 @@ class TrainSpec(BaseModel):
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in the backward pass; default: on a GPU yes, on a CPU no"
     )
-
-    @field_validator("conditions")
-    @classmethod
-    def _valid_conditions(cls, value: list[str]) -> list[str]:
-        return normalise_conditions(value)
-
-    def parsed_conditions(self) -> list[tuple[Trait, Level]]:
-        return parse_conditions(self.conditions)
 
     def adapter_name(self, condition: tuple[Trait, Level] | None) -> str:
         prefix = self.name or self.method
