@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="prompts sent at once per measurement")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--personas", type=int, default=10, choices=range(2, 11), metavar="2..10")
-    parser.add_argument("--repeat", type=int, default=2, help="measure each mode this often, keep the fastest")
+    parser.add_argument("--repeat", type=int, default=4, help="interleaved rounds over the modes; fastest kept")
     parser.add_argument("--max-lora-rank", type=int, default=None, help="default: the service default (64)")
     parser.add_argument("--models-dir", type=Path, default=None, help="default: $BIG5_DATA_DIR/models or ./big5-data")
     parser.add_argument("--ops", choices=["sgmv", "grouped", "upstream"], default="sgmv", help="CPU LoRA path")
@@ -148,7 +148,7 @@ def main() -> None:
     began = time.perf_counter()
     engine.start()
     start_seconds = time.perf_counter() - began
-    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=0.0)
+    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)  # equal work per mode
     prompts = [[ChatMessage(role="user", content=f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})")] for i in range(args.n)]
     poles = POLES[: args.personas]
     pole_traits = [{trait: 1.0 if level == "high" else -1.0} for trait, level in poles]
@@ -164,28 +164,34 @@ def main() -> None:
     def fastest(measured: list[Row]) -> Row:
         return min(measured, key=lambda row: row.seconds)
 
-    async def direct(name: str, loras: list[Any]) -> Row:
-        await asyncio.gather(*(engine.generate(p, SamplingOptions(max_tokens=4), lora=lora)
-                               for p, lora in zip(prompts, loras, strict=False)))  # fmt: skip  # warm-up
-        measured = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            results = await asyncio.gather(
-                *(engine.generate(p, sampling, lora=loras[i % len(loras)]) for i, p in enumerate(prompts))
-            )
-            seconds = time.perf_counter() - t0
-            tokens = sum(r.completion_tokens for r in results)
-            measured.append(Row(name, len(results), tokens, seconds, os.getloadavg()[0]))
-        return fastest(measured)
+    async def once(name: str, loras: list[Any]) -> Row:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(engine.generate(p, sampling, lora=loras[i % len(loras)]) for i, p in enumerate(prompts))
+        )
+        seconds = time.perf_counter() - t0
+        tokens = sum(r.completion_tokens for r in results)
+        return Row(name, len(results), tokens, seconds, os.getloadavg()[0])
 
     async def engine_rows() -> list[Row]:
         one = await handles_for([pole_traits[0]])
         mixed = await handles_for(pole_traits)
-        return [
-            await direct("(a) base (direct), engine", [None]),
-            await direct("(b) one adapter, engine", one),
-            await direct(f"(c) {len(mixed)} personas mixed, engine", mixed),
+        modes = [
+            ("(a) base (direct), engine", [None]),
+            ("(b) one adapter, engine", one),
+            (f"(c) {len(mixed)} personas mixed, engine", mixed),
         ]
+        for _, loras in modes:  # warm-up: every adapter in a slot, every batch shape seen once
+            await asyncio.gather(*(engine.generate(p, SamplingOptions(max_tokens=4), lora=loras[i % len(loras)])
+                                   for i, p in enumerate(prompts)))  # fmt: skip
+        # Rounds interleave the modes (a b c, b c a, ...), so that a burst of load from elsewhere
+        # slows every mode alike instead of one; the fastest round of each mode is kept.
+        measured: dict[str, list[Row]] = {name: [] for name, _ in modes}
+        for round_ in range(args.repeat):
+            for k in range(len(modes)):
+                name, loras = modes[(round_ + k) % len(modes)]
+                measured[name].append(await once(name, loras))
+        return [fastest(measured[name]) for name, _ in modes]
 
     rows = asyncio.run(engine_rows())
 
@@ -260,7 +266,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row.name:<34} | {row.requests:>8} | {row.tokens:>6} | {row.seconds:>7.2f} "
               f"| {row.rate:>5.1f} | {row.rate / base_rate:>7.2f} | {row.load:>4.1f} |")  # fmt: skip
-    print(f"(fastest of {args.repeat}; load: 1-minute load average after the measurement)")
+    print(f"(fastest of {args.repeat} interleaved rounds; load: 1-minute load average after the measurement)")
     print(f"\nHTTP vs engine: base {rows[3].rate / base_rate:.2f}, mixed {rows[4].rate / mixed_engine:.2f}")
     print("\n| time to first token (HTTP, streaming) | seconds |\n|---|---|")
     for name, seconds in firsts:

@@ -48,6 +48,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: equal work per mode)
 
 
 @dataclass
@@ -574,6 +575,7 @@ class PersonaEngine:
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=list(sampling.stop) if sampling.stop else None,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind[kind],
             **extra,
         )
