@@ -14,11 +14,12 @@ from service.serving import GenerationService
 from tests.service.conftest import with_service
 from tests.service.support import generate_body
 
-pytestmark = pytest.mark.unverified  # see pyproject: never run to completion here yet
+pytestmark = pytest.mark.slow  # the real engine
 
 
-def _composed(client: TestClient, openness: float) -> str:
-    body = generate_body(traits={"openness": openness, "extraversion": -1}, max_tokens=1)
+def _composed(client: TestClient, vector: tuple[float, float]) -> str:
+    openness, extraversion = vector
+    body = generate_body(traits={"openness": openness, "extraversion": extraversion}, max_tokens=1)
     response = client.post("/v1/generate", json=body)
     assert response.status_code == 200, response.text
     name = response.json()["persona"]["adapter"]
@@ -39,7 +40,10 @@ def _check(client: TestClient, engine: PersonaEngine) -> None:
     cache = serving.resolver._cache
     capacity = serving.resident.capacity
     assert capacity == engine.settings.max_loras  # never below a full batch, even with composed_cache_size=1
-    weights = [-0.75, -0.5, -0.25, 0.25, 0.75, 0.5][: capacity + 2]
+    # published has openness high and extraversion low: each vector composes those two at weights of its own,
+    # distinct on the 0.25 grid that requests are quantised to
+    weights = [(o, e) for e in (-1.0, -0.75, -0.5, -0.25) for o in (0.25, 0.5, 0.75)][: capacity + 2]
+    assert len(weights) == capacity + 2
     names = [_composed(client, w) for w in weights]
     assert len(set(names)) == len(names)
 
