@@ -190,7 +190,7 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM configures its own loggers, engine process too
-    for name in ("vllm", "transformers", "datasets", "httpx", "peft", "trl", "accelerate", "filelock"):
+    for name in ("vllm", "transformers", "datasets", "httpx", "peft", "trl", "accelerate", "filelock", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("trainer").setLevel(logging.WARNING)
     with contextlib.suppress(ImportError):
@@ -244,7 +244,12 @@ def train_all(stack: Any, plan: dict[str, dict[str, Any]], stages: Stages | None
 
 @contextlib.contextmanager
 def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
-    """A progress bar fed from the job's recorded progress (adapter, step, loss) while the worker trains."""
+    """Progress fed from the job's recorded progress (adapter, step, loss) while the worker trains.
+
+    On a terminal: one bar per adapter (reset when the worker moves on, so its rate is the adapter's).
+    Elsewhere (a log file, CI): one plain line per adapter when it ends, never a redrawn bar.
+    """
+    import sys
     import threading
 
     from tqdm import tqdm
@@ -252,10 +257,19 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     from big5core.jobs import get_job
 
     stop = threading.Event()
-    bar = tqdm(total=1, desc=label, unit="step", leave=False)
+    live = sys.stderr.isatty()
+    bar = tqdm(total=1, desc=label, unit="step", leave=False, disable=not live)
+    seen: dict[str, Any] = {}
+
+    def finished_line() -> None:
+        if not live and seen.get("adapter"):
+            loss = f", loss {seen['loss']:.3f}" if seen.get("loss") is not None else ""
+            typer.echo(
+                f"[train] {label} {seen['name']}: step {seen['step']}/{seen['total']}{loss}, "
+                f"{time.monotonic() - seen['since']:.0f} s"
+            )
 
     def watch() -> None:
-        current = None
         while not stop.wait(1.0):
             try:
                 with stack.sessions() as session:
@@ -263,16 +277,20 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
             except Exception:  # the database may be busy for a moment
                 continue
             adapter = progress.get("adapter")
-            if adapter != current and adapter:
-                current = adapter
+            if adapter and adapter != seen.get("adapter"):
+                finished_line()
                 index, total = progress.get("adapter_index", 0), progress.get("adapters", 1)
-                bar.set_description(f"{label} {adapter} ({index + 1}/{total})")
+                name = f"{adapter} ({index + 1}/{total})"
+                seen.update(adapter=adapter, name=name, since=time.monotonic(), step=0, total=0, loss=None)
+                bar.reset(total=1)
+                bar.set_description(f"{label} {name}", refresh=False)
             if "total_steps" in progress:
-                bar.total = int(progress["total_steps"])
-                bar.n = int(progress.get("step", 0))
+                seen.update(step=int(progress.get("step", 0)), total=int(progress["total_steps"]))
                 if "loss" in progress:
-                    bar.set_postfix(loss=f"{float(progress['loss']):.3f}")
-                bar.refresh()
+                    seen["loss"] = float(progress["loss"])
+                    bar.set_postfix(loss=f"{seen['loss']:.3f}", refresh=False)
+                bar.total = seen["total"]
+                bar.update(seen["step"] - bar.n)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -281,6 +299,7 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+        finished_line()
         bar.close()
 
 
