@@ -44,6 +44,7 @@ class TrainResult:
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why training ended early (nothing was evaluated or saved)
+    trained_examples: int | None = None  # what the trainer kept: TRL's DPO drops pairs whose prompt fills max_length
 
 
 def load_dataset_rows(spec: TrainSpec) -> tuple[list[ds.Row], str]:
@@ -318,6 +319,12 @@ def train_adapter(
         callbacks=callbacks,
     )
     _quiet_logs(trainer, show_progress_bar)
+    kept = len(trainer.train_dataset)
+    if kept < len(train_ds):
+        logger.warning(
+            "%d of %d training examples dropped by the trainer: their prompt alone fills max_length=%d",
+            len(train_ds) - kept, len(train_ds), spec.max_length,
+        )  # fmt: skip
 
     if resume == "auto":
         resume = latest_checkpoint(checkpoint_dir)
@@ -337,6 +344,7 @@ def train_adapter(
             train_tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
             world_size=int(trainer.args.world_size),
             stopped=stopper.reason,
+            trained_examples=kept,
         )
     eval_loss: float | None = None
     if eval_ds is not None:
@@ -354,4 +362,5 @@ def train_adapter(
         train_tokens=tokens,
         world_size=int(trainer.args.world_size),
         metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, int | float)},
+        trained_examples=kept,
     )

@@ -343,6 +343,8 @@ class Worker:
                         "conditions": spec.conditions if target is None else [f"{target[0].value}:{target[1].value}"],
                         "steps": outcome.steps,
                         "train_examples": len(data.train),
+                        # after the trainer's own filter (TRL's DPO drops pairs whose prompt fills max_length)
+                        "trained_examples": outcome.trained_examples,
                         "train_tokens": outcome.train_tokens,
                         "seconds": round(outcome.seconds, 2),
                         "world_size": outcome.world_size,
