@@ -31,7 +31,7 @@ from trainer.datagen.job import resolve_conditions, submit
 from trainer.datagen.steering import SteeringModels
 from trainer.worker import Worker, job_snapshot
 
-pytestmark = pytest.mark.unverified  # see pyproject: never run to completion here yet
+pytestmark = pytest.mark.slow  # generates with tiny models in worker processes
 
 
 SCENARIOS = (
