@@ -14,7 +14,7 @@ from big5core.settings import Settings
 from big5core.stack import build_stack
 from service.app import create_app
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]  # see pyproject: never run to completion here yet
+pytestmark = pytest.mark.slow
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "reasoning"
 
