@@ -35,7 +35,7 @@ from service.errors import PROBLEM_BASE
 from tests.service.conftest import with_service
 from tests.service.support import generate_body, serve_over_http
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]  # see pyproject: never run to completion here yet
+pytestmark = pytest.mark.slow
 
 RECOVERY_BOUND_S = 240  # an engine start is ~45 s on 2 cores; the kill, backoff and load add to it
 CLIENTS = 6
