@@ -85,6 +85,7 @@ class AssessmentRunner:
             self.judges.get()  # a missing or corrupt judge is refused now, not after the replies are generated
             options["dialogue_set"] = {"source": turns.source, "items_hash": turns.items_hash}
         instrument: Instrument
+        self._store_instrument(request.inventory, turns)
         with transaction(self.sessions) as session:
             if turns is not None:
                 dialogue.check_unseen(session, resolved, turns)
@@ -106,6 +107,26 @@ class AssessmentRunner:
             )
             assessment.progress = self._beat({"items_done": 0, "items": self._expected(instrument, request)})
             return assessment.id, resolved, instrument
+
+    def _store_instrument(self, inventory: str, turns: dialogue.DialogueSet | None) -> None:
+        """Store a built-in inventory (or the dialogue set) on first use, in a transaction of its own.
+
+        Two assessments of a fresh database may both find it missing and both insert it: the loser's
+        insert fails on the unique name, and its second look finds the winner's row.
+        """
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(2):
+            try:
+                with transaction(self.sessions) as session:
+                    if turns is not None:
+                        dialogue.dialogue_record(session, turns)
+                    else:
+                        store.inventory_record(session, inventory)
+                return
+            except IntegrityError:
+                if attempt:
+                    raise
 
     async def submit(self, request: AssessRequest) -> str:
         """Prepare (in a thread), then run in the background on the current event loop."""
