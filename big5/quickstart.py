@@ -193,6 +193,7 @@ def _quiet_libraries() -> None:
     for name in ("vllm", "transformers", "datasets", "httpx", "peft", "trl", "accelerate", "filelock", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("trainer").setLevel(logging.WARNING)
+    logging.getLogger("evaluator").setLevel(logging.WARNING)  # one line per assessment would break the bar
     with contextlib.suppress(ImportError):
         import datasets
 
@@ -412,6 +413,7 @@ def plan_assessments(
     from big5core.errors import DomainError
 
     seen: dict[tuple[str, str], str] = {}
+    pending: set[tuple[str, str]] = set()  # to run; a duplicate stays None too and run_assessments runs it once
     for key, planned in list(plan.items()):
         request = planned.request
         try:
@@ -432,8 +434,8 @@ def plan_assessments(
         if planned.assessment_id is not None:
             seen[signature] = planned.assessment_id
         else:
-            seen[signature] = f"pending:{key}"
-    todo = sum(1 for p in plan.values() if p.assessment_id is None)
+            pending.add(signature)
+    todo = len(pending)
     typer.echo(f"[assess] {len(plan)} assessment(s) in the plan: {todo} to run, {len(plan) - todo} reused")
     return plan
 
