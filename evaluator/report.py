@@ -18,6 +18,7 @@ from typing import Any
 
 from big5core.errors import Invalid
 from big5core.models import Assessment
+from big5core.prompts import TemplateId
 from big5core.traits import TRAITS, Level, Trait
 from evaluator.scoring import Reliability
 
@@ -68,7 +69,7 @@ def group_key(assessment: Assessment) -> GroupKey:
     adapter = ",".join(sorted({adapter_family(r) for r in refs})) or None
     if adapter is None:
         layout = None
-    elif resolved.get("template_id") == "big5chat-unified-v1":
+    elif resolved.get("template_id") in (TemplateId.UNIFIED, TemplateId.UNIFIED_SYSTEM):  # user or system turn
         layout = "unified"
     else:
         layout = "per-trait"

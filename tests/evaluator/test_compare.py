@@ -124,3 +124,13 @@ def test_group_reliability_uses_personas_times_runs() -> None:
     assert openness.alpha is None and "fewer respondents (6) than items (10)" in (openness.note or "")
     table = report.paper_table(found, "bfi44", rel)
     assert table.to_dict()["groups"][0]["reliability"]["openness"]["n"] == 6
+
+
+@pytest.mark.parametrize(
+    ("template", "layout"),
+    [("big5chat-unified-v1", "unified"), ("big5chat-unified-system-v1", "unified"), ("plain-v1", "per-trait")],
+)
+def test_layout_follows_the_template_either_placement(template: str, layout: str) -> None:
+    a = assessment("sft", {"openness": 1}, {"openness": 3.0}, adapter="sft-unified@1")
+    a.resolved_persona = {**a.resolved_persona, "template_id": template}
+    assert report.group_key(a).layout == layout
