@@ -79,6 +79,7 @@ def _replica(root: Path, name: str, vector: list[tuple[Path, float]], start: flo
     )
 
 
+@pytest.mark.slow  # real processes started with their own interpreter
 def test_two_processes_composing_one_vector_leave_one_valid_folder(parts: list[Path], tmp_path: Path) -> None:
     root = tmp_path / "composed"
     vector = _vector(parts, 0, 1, 2)
@@ -104,6 +105,7 @@ def test_two_processes_composing_one_vector_leave_one_valid_folder(parts: list[P
     assert all(torch.equal(built[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow  # real processes started with their own interpreter
 def test_a_folder_another_process_uses_is_never_evicted(parts: list[Path], tmp_path: Path) -> None:
     """A replica holds composed-x (loaded in its engine); another replica with budget 1 evicts around it."""
     root = tmp_path / "composed"

@@ -167,6 +167,7 @@ PUBLISHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # real processes started with their own interpreter
 def test_concurrent_publishers_of_one_name_get_distinct_versions(db_url: str, tmp_path: Path) -> None:
     """Four processes publish the same name at once: four versions, each folder matching its sha256."""
     adapters_dir = tmp_path / "adapters"
