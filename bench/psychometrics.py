@@ -29,10 +29,10 @@ from evaluator.inventories import get_builtin
 from evaluator.schemas import AssessRequest
 
 
-def personas(methods: list[str]) -> list[PersonaSpec]:
+def personas(methods: list[str], traits: list[str] | None = None) -> list[PersonaSpec]:
     out = [PersonaSpec(method=Method.DIRECT)] if "direct" in methods else []
     for method in (m for m in methods if m != "direct"):
-        for trait in TRAITS:
+        for trait in (t for t in TRAITS if traits is None or t.value in traits):
             for level in (Level.HIGH, Level.LOW):
                 out.append(PersonaSpec.model_validate({"method": method, "traits": {trait.value: level.value}}))
     return out
@@ -55,6 +55,7 @@ async def main() -> None:
     parser.add_argument("--methods", default="direct,prompt,sft,dpo")
     parser.add_argument("--modes", default="logprob,label")
     parser.add_argument("--vary-options", action="store_true")
+    parser.add_argument("--traits", default=None, help="comma list: induce only these traits (default all five)")
     args = parser.parse_args()
     stack = build_stack(get_settings())
     engine = stack.make_engine()
@@ -74,7 +75,7 @@ async def main() -> None:
     }
     for mode in args.modes.split(","):
         collected: dict[str, dict[str, list[tuple[Any, list[Response]]]]] = {}
-        for spec in personas(args.methods.split(",")):
+        for spec in personas(args.methods.split(","), args.traits.split(",") if args.traits else None):
             try:
                 resolved = stack.resolver.resolve(spec)
             except (PersonaError, PersonaNotFound) as exc:
