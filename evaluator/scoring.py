@@ -366,13 +366,19 @@ def _complete_matrix(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]
     return data
 
 
+HEYWOOD_UNIQUENESS = 1e-3
+"""A standardised item's uniqueness below this in the one-factor fit: the fit is improper, omega is None."""
+
+
 def mcdonald_omega(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> float | None:
     """McDonald's omega (total) of a rows-are-respondents, columns-are-items matrix.
 
     A one-factor model is fitted by maximum likelihood (scikit-learn's ``FactorAnalysis``) to the
     standardised items; omega = (sum of loadings)^2 / ((sum of loadings)^2 + sum of uniquenesses).
     None when undefined: fewer than 3 items (a one-factor model is not identified), fewer
-    respondents than items, or an item with zero variance.
+    respondents than items, an item with zero variance, or an improper fit (a Heywood case: some
+    item's uniqueness at ~0, which makes omega ~1 whatever the other items do; seen on the bundled
+    model, where 10 personas x 3 near-identical runs are the respondents).
     """
     data = _complete_matrix(matrix)
     n, k = data.shape
@@ -387,6 +393,8 @@ def mcdonald_omega(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) 
     fa = FactorAnalysis(n_components=1, tol=1e-8, max_iter=2_000, random_state=0).fit(z)
     loadings = fa.components_[0]
     uniquenesses = fa.noise_variance_
+    if float(uniquenesses.min()) < HEYWOOD_UNIQUENESS:
+        return None
     common = float(abs(loadings.sum())) ** 2
     return common / (common + float(uniquenesses.sum()))
 
@@ -405,7 +413,7 @@ def reliability(matrix: Sequence[Sequence[float]] | npt.NDArray[np.float64]) -> 
     if alpha is None:
         note = "zero variance of the totals"
     elif omega is None:
-        note = "omega needs 3+ items, each with nonzero variance"
+        note = "omega undefined: needs 3+ items with nonzero variance and a proper one-factor fit"
     return Reliability(alpha, omega, n, k, note)
 
 
