@@ -201,3 +201,54 @@ def test_an_adapter_that_saw_the_held_out_scenarios_is_refused(stack: Stack) -> 
             check_unseen(session, persona("sft-leaky"), turns)
         # a whole held-out file is not the training source: nothing is known to overlap
         check_unseen(session, persona("sft-leaky"), turns.model_copy(update={"split": "all"}))
+
+
+def test_an_adapter_trained_on_a_file_of_held_out_scenarios_is_refused(stack: Stack, tmp_path: Path) -> None:
+    """E.g. rows that `big5 datagen` generated for held-out scenarios: another source, the same scenarios."""
+    import csv
+
+    from big5core.dataset import bundled_path, heldout_split, load_filtered
+    from big5core.models import Adapter
+    from big5core.persona import ResolvedPersona
+    from big5core.prompts import TemplateId
+    from big5core.traits import Method
+    from evaluator.dialogue import HeldOutOverlap, check_unseen
+
+    train, held = heldout_split(load_filtered(BUNDLED_REAL)[0])
+    with bundled_path().open(newline="") as f:
+        records = list(csv.DictReader(f))
+    files = {}
+    for name, scenarios in (("gen-leaky", {r.scenario for r in held}), ("gen-clean", {r.scenario for r in train})):
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(r for r in records if str(r["original_index"]) in scenarios)
+        files[name] = path
+    turns = load_dialogue_set()
+    with stack.sessions() as session:
+        for name, path in files.items():
+            session.add(
+                Adapter(
+                    name=name,
+                    version=1,
+                    base_model="b",
+                    method="sft",
+                    layout="per-trait",
+                    traits={},
+                    rank=8,
+                    hyperparams={"dataset": str(path), "test_fraction": 0.0, "seed": 0},
+                    path="/nonexistent",
+                    state="ready",
+                )  # fmt: skip
+            )
+        session.commit()
+
+        def persona(ref: str) -> ResolvedPersona:
+            return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
+
+        check_unseen(session, persona("gen-clean"), turns)
+        with pytest.raises(HeldOutOverlap, match="training side holds"):
+            check_unseen(session, persona("gen-leaky"), turns)
+        files["gen-leaky"].unlink()  # the file is gone: nothing is known any more
+        check_unseen(session, persona("gen-leaky"), turns)
