@@ -167,40 +167,46 @@ def test_dialogue_assessment_on_the_real_engine(stack: Stack, engine: Any, judge
         assert sorted((r.item_id, r.raw_text) for r in second) == first
 
 
-def test_an_adapter_that_saw_the_held_out_scenarios_is_refused(stack: Stack) -> None:
+def _add_adapter(session: Any, name: str, hyperparams: dict[str, Any]) -> None:
     from big5core.models import Adapter
+
+    session.add(
+        Adapter(
+            name=name,
+            version=1,
+            base_model="b",
+            method="sft",
+            layout="per-trait",
+            traits={},
+            rank=8,
+            hyperparams=hyperparams,
+            path="/nonexistent",
+            state="ready",
+        )  # fmt: skip
+    )
+
+
+def _persona(ref: str) -> Any:
     from big5core.persona import ResolvedPersona
     from big5core.prompts import TemplateId
     from big5core.traits import Method
+
+    return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
+
+
+def test_an_adapter_that_saw_the_held_out_scenarios_is_refused(stack: Stack) -> None:
     from evaluator.dialogue import HeldOutOverlap, check_unseen
 
     turns = load_dialogue_set()
     with stack.sessions() as session:
         for name, fraction in (("sft-leaky", 0.1), ("sft-clean", 0.2)):
-            session.add(
-                Adapter(
-                    name=name,
-                    version=1,
-                    base_model="b",
-                    method="sft",
-                    layout="per-trait",
-                    traits={},
-                    rank=8,
-                    hyperparams={"dataset": BUNDLED_REAL, "test_fraction": fraction, "seed": 0},
-                    path="/nonexistent",
-                    state="ready",
-                )
-            )
+            _add_adapter(session, name, {"dataset": BUNDLED_REAL, "test_fraction": fraction, "seed": 0})
         session.commit()
-
-        def persona(ref: str) -> ResolvedPersona:
-            return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
-
-        check_unseen(session, persona("sft-clean"), turns)
+        check_unseen(session, _persona("sft-clean"), turns)
         with pytest.raises(HeldOutOverlap, match="test_fraction 0.1"):
-            check_unseen(session, persona("sft-leaky"), turns)
+            check_unseen(session, _persona("sft-leaky"), turns)
         # a whole held-out file is not the training source: nothing is known to overlap
-        check_unseen(session, persona("sft-leaky"), turns.model_copy(update={"split": "all"}))
+        check_unseen(session, _persona("sft-leaky"), turns.model_copy(update={"split": "all"}))
 
 
 def test_an_adapter_trained_on_a_file_of_held_out_scenarios_is_refused(stack: Stack, tmp_path: Path) -> None:
@@ -208,10 +214,6 @@ def test_an_adapter_trained_on_a_file_of_held_out_scenarios_is_refused(stack: St
     import csv
 
     from big5core.dataset import bundled_path, heldout_split, load_filtered
-    from big5core.models import Adapter
-    from big5core.persona import ResolvedPersona
-    from big5core.prompts import TemplateId
-    from big5core.traits import Method
     from evaluator.dialogue import HeldOutOverlap, check_unseen
 
     train, held = heldout_split(load_filtered(BUNDLED_REAL)[0])
@@ -228,27 +230,10 @@ def test_an_adapter_trained_on_a_file_of_held_out_scenarios_is_refused(stack: St
     turns = load_dialogue_set()
     with stack.sessions() as session:
         for name, path in files.items():
-            session.add(
-                Adapter(
-                    name=name,
-                    version=1,
-                    base_model="b",
-                    method="sft",
-                    layout="per-trait",
-                    traits={},
-                    rank=8,
-                    hyperparams={"dataset": str(path), "test_fraction": 0.0, "seed": 0},
-                    path="/nonexistent",
-                    state="ready",
-                )  # fmt: skip
-            )
+            _add_adapter(session, name, {"dataset": str(path), "test_fraction": 0.0, "seed": 0})
         session.commit()
-
-        def persona(ref: str) -> ResolvedPersona:
-            return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
-
-        check_unseen(session, persona("gen-clean"), turns)
+        check_unseen(session, _persona("gen-clean"), turns)
         with pytest.raises(HeldOutOverlap, match="training side holds"):
-            check_unseen(session, persona("gen-leaky"), turns)
+            check_unseen(session, _persona("gen-leaky"), turns)
         files["gen-leaky"].unlink()  # the file is gone: nothing is known any more
-        check_unseen(session, persona("gen-leaky"), turns)
+        check_unseen(session, _persona("gen-leaky"), turns)
