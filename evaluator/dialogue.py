@@ -14,6 +14,7 @@ has no judge scores; it is never replaced by a default.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import json
@@ -134,19 +135,29 @@ def check_unseen(session: Session, persona: ResolvedPersona, dialogue: DialogueS
             )
 
 
+@functools.lru_cache(maxsize=16)
+def _trained_scenarios(dataset: str, mtime_ns: int, fraction: float, seed: int) -> frozenset[str] | None:
+    """Scenario ids on the training side of a dataset file (None: unreadable); once per file version."""
+    try:
+        rows, _ = load_filtered(dataset)  # what training read: the artifact filter applied
+    except DatasetError:
+        return None
+    trained, _ = split_by_scenario(rows, fraction, seed)
+    return frozenset(r.scenario for r in trained)
+
+
 def _check_file_scenarios(ref: str, dataset: str, fraction: float, seed: int, dialogue: DialogueSet) -> None:
     """Refuse ``ref`` when the training side of its (readable) dataset file holds a scenario of ``dialogue``."""
     from pathlib import Path
 
     if not dataset or dataset.startswith("bundled:") or not Path(dataset).is_file():
         return
-    try:
-        rows, _ = load_filtered(dataset)  # what training read: the artifact filter applied
-    except DatasetError:  # unreadable now: nothing is known
+    # every dialogue assessment of the adapter asks this: the file is read once per version, not per assessment
+    trained = _trained_scenarios(dataset, Path(dataset).stat().st_mtime_ns, fraction, seed)
+    if trained is None:  # unreadable now: nothing is known
         return
-    trained, _ = split_by_scenario(rows, fraction, seed)
     asked = {item.scenario for item in dialogue.items}
-    seen = sorted({r.scenario for r in trained} & asked)
+    seen = sorted(trained & asked)
     if seen:
         raise HeldOutOverlap(
             f"adapter {ref} was trained on {dataset}, whose training side holds {len(seen)} scenario(s) this "
