@@ -12,6 +12,12 @@ held-out scenarios:
   and the low instruction, scored by the trait judge; the mean P(high) difference per trait.
 
     python bench/unified_conditioning.py --variants user,system --steps 60
+    python bench/unified_conditioning.py --variants "user,user:dpo:from=user:steps30" --learning-rate 1e-3
+
+A variant is ``placement[:mod...]``: ``dpo`` (DPO instead of SFT), ``from=<variant>`` (start from that
+variant's adapter, trained earlier in the same run), ``mirror`` / ``random`` (batches of twin
+examples, the unified default, or the old random order), ``nll<w>`` (DPO plus an NLL term of weight
+w), ``beta<x>``, ``r<rank>``, ``steps<n>``, ``lr<x>``.
 
 Prints a table and writes JSON to ``--out``. Uses HF transformers + PEFT (no vLLM), CPU float32.
 """
@@ -26,11 +32,22 @@ from typing import Any
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``system`` / ``user`` / ``system:r16`` / ``user:steps120`` -> TrainSpec overrides."""
+    """``system`` / ``user`` / ``system:r16`` / ``user:steps120`` / ``user:dpo:nll1:beta0.1:from=user`` ->
+    TrainSpec overrides (``from=<variant>``: start from that variant's adapter, trained earlier in the run)."""
     name, *mods = text.split(":")
     out: dict[str, Any] = {"instruction_placement": name}
     for mod in mods:
-        if mod.startswith("r"):
+        if mod == "dpo":
+            out["method"] = "dpo"
+        elif mod.startswith("nll"):
+            out["sft_weight"] = float(mod[3:])
+        elif mod.startswith("beta"):
+            out["beta"] = float(mod[4:])
+        elif mod in ("mirror", "random"):
+            out["mirror_batches"] = mod == "mirror"
+        elif mod.startswith("from="):
+            out["_from"] = mod[5:]
+        elif mod.startswith("r"):
             out["lora"] = {"r": int(mod[1:]), "alpha": 2 * int(mod[1:])}
         elif mod.startswith("steps"):
             out["max_steps"] = int(mod[5:])
@@ -73,6 +90,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for text in [v for v in args.variants.split(",") if v]:
         overrides = parse_variant(text)
+        init_from = overrides.pop("_from", None)
         spec = TrainSpec.model_validate(
             {
                 "method": "sft",
@@ -91,8 +109,23 @@ def main() -> None:
         t0 = time.monotonic()
         if not (out_dir / "adapter_config.json").is_file():
             data = prepare(spec, rows, report.format(), None)
+            if init_from is not None:
+                data.init_adapter = str(args.work / init_from.replace(":", "_"))
+
+            def progress(info: dict[str, Any], label: str = text) -> None:
+                if "loss" in info and info.get("step", 0) % 10 == 0:
+                    extra = {k: round(v, 3) for k, v in info.items() if k.startswith(("rewards/", "logps/"))}
+                    print(f"  {label} step {info['step']} loss {info['loss']:.3f} {extra}", flush=True)
+
             train_adapter(
-                spec, data, base_path, out_dir, args.work / "ckpt" / text, resume=None, show_progress_bar=False
+                spec,
+                data,
+                base_path,
+                out_dir,
+                args.work / "ckpt" / text,
+                resume=None,
+                show_progress_bar=False,
+                progress=progress,
             )
         results[text] = {"train_seconds": round(time.monotonic() - t0, 1), "spec": spec.model_dump(mode="json")}
         variants.append((text, out_dir, spec.instruction_placement))

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 # step times, not yet timed on a clean clone). The per-trait adapters are the persona and the parts
 # every composed trait vector is built from; the unified adapter is the paper's main method; DPO
 # starts from the SFT adapter of the same condition (`init_from`), the contrastive step that makes
-# an adapter use its level (docs/RESULTS.md: SFT alone leaves the unified adapter level-blind).
+# an adapter use its level. The unified adapters train on twin batches (a Speaker X turn at a level
+# and at its opposite, `TrainSpec.mirror_batches`): with random batches even DPO left the unified
+# adapter level-blind; with twins 30 DPO steps make it condition (docs/RESULTS.md).
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
@@ -43,7 +45,6 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
         "layout": "unified",
         "max_steps": 100,
         "learning_rate": 1e-3,
-        "instruction_placement": "system",
     },
     "dpo-per-trait": {
         "method": "dpo",
@@ -57,9 +58,8 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
         "method": "dpo",
         "layout": "unified",
         "init_from": "sft",
-        "max_steps": 10,
-        "learning_rate": 5e-4,
-        "instruction_placement": "system",
+        "max_steps": 30,
+        "learning_rate": 1e-3,
     },
 }
 FULL_TRAINING: dict[str, dict[str, Any]] = {
@@ -69,7 +69,6 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "layout": "unified",
         "max_steps": 200,
         "learning_rate": 1e-3,
-        "instruction_placement": "system",
     },
     "dpo-per-trait": {
         "method": "dpo",
@@ -83,9 +82,8 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "method": "dpo",
         "layout": "unified",
         "init_from": "sft",
-        "max_steps": 20,
-        "learning_rate": 5e-4,
-        "instruction_placement": "system",
+        "max_steps": 60,
+        "learning_rate": 1e-3,
     },
 }
 COMMON_TRAINING: dict[str, Any] = {

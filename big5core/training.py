@@ -102,6 +102,12 @@ class TrainSpec(ConditionsSpec):
     warmup_steps: int = Field(20, ge=0)
     lr_scheduler_type: str = "cosine"
     beta: float = Field(0.1, gt=0, description="DPO beta (sigmoid loss)")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="DPO: weight of an NLL term on the chosen reply beside the sigmoid loss (TRL's 'sft' loss, as in "
+        "RPO/MPO): SFT and the contrastive step in one stage; 0 = plain DPO",
+    )
     seed: int = 0
     test_fraction: float = Field(
         0.2,
@@ -123,9 +129,18 @@ class TrainSpec(ConditionsSpec):
         description="unified layout: the instruction before Speaker X's words in the user turn (the paper's) or as "
         "the system turn; recorded with the adapter, so serving places it the same way",
     )
+    mirror_batches: bool | None = Field(
+        None,
+        description="train on blocks of twins (one Speaker X turn at a condition and its opposite level) in one "
+        "batch, in a seeded random block order; default: yes for the unified layout, whose only signal is the level "
+        "word, no for per-trait",
+    )
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in the backward pass; default: on a GPU yes, on a CPU no"
     )
+
+    def mirrored_batches(self) -> bool:
+        return self.layout == "unified" if self.mirror_batches is None else self.mirror_batches
 
     def adapter_name(self, condition: tuple[Trait, Level] | None) -> str:
         prefix = self.name or self.method

@@ -76,8 +76,15 @@ def inventory_record(session: Session, name: str) -> InventoryRecord:
 
 
 def load_inventory(session: Session, name: str) -> Inventory:
-    record = inventory_record(session, name)
-    return Inventory.model_validate(record.definition)
+    """The inventory ``name``, read only: a built-in not stored yet comes from the package, so a read
+    (``GET /v1/inventories/{name}``, a compare) never races an assessment's first insert of it."""
+    record = session.scalar(select(InventoryRecord).where(InventoryRecord.name == name))
+    if record is not None:
+        return Inventory.model_validate(record.definition)
+    builtin = builtin_inventories().get(name)
+    if builtin is None:
+        raise InventoryNotFound(f"unknown inventory {name!r}")
+    return builtin
 
 
 def add_inventory(session: Session, inventory: Inventory) -> InventoryRecord:

@@ -11,9 +11,9 @@ the adapter itself the persona, so the prompt is Speaker X's words alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from big5core.dataset import (
     BUNDLED_REAL,
@@ -60,6 +60,7 @@ __all__ = [
     "split_by_scenario",
 ]
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 Layout = Literal["unified", "per-trait"]
@@ -122,6 +123,7 @@ def dpo_pairs(
     trait: Trait | None = None,
     level: Level | None = None,
     placement: InstructionPlacement = "user",
+    mirror_key: bool = False,
 ) -> tuple[list[Example], PairReport]:
     """TRL conversational preference pairs ``{"prompt", "chosen", "rejected"}`` and what was skipped.
 
@@ -131,7 +133,8 @@ def dpo_pairs(
     Speaker X turn (the rejected reply would then not answer the prompt), is skipped and counted,
     never paired. The prompt is built as in :func:`sft_examples` (unified: the instruction of the
     chosen level). For a per-trait adapter pass all rows of the trait and select the target
-    condition with ``trait``/``level``, so the partners can be found.
+    condition with ``trait``/``level``, so the partners can be found. ``mirror_key`` adds each pair's
+    scenario and trait under ``"mirror"``, for :func:`mirror_blocks`.
     """
     targets = select(rows, trait, level)
     _check_layout(targets, layout)
@@ -148,13 +151,14 @@ def dpo_pairs(
         if near_duplicate_key(partner.speaker_x) != near_duplicate_key(row.speaker_x):
             report.mismatched_speaker_x += 1
             continue
-        pairs.append(
-            {
-                "prompt": training_messages(_instruction(row, layout), row.speaker_x, None, placement),
-                "chosen": [ChatMessage(role="assistant", content=row.speaker_y.strip())],
-                "rejected": [ChatMessage(role="assistant", content=partner.speaker_y.strip())],
-            }
-        )
+        pair: Example = {
+            "prompt": training_messages(_instruction(row, layout), row.speaker_x, None, placement),
+            "chosen": [ChatMessage(role="assistant", content=row.speaker_y.strip())],
+            "rejected": [ChatMessage(role="assistant", content=partner.speaker_y.strip())],
+        }
+        if mirror_key:
+            pair["mirror"] = mirror_of(row)
+        pairs.append(pair)
     if report.skipped:
         logger.info(
             "dpo_pairs: %d of %d target rows skipped (%d without an opposite-level partner, %d whose partner "
@@ -165,3 +169,29 @@ def dpo_pairs(
             report.mismatched_speaker_x,
         )
     return pairs, report
+
+
+def mirror_of(row: Row) -> str:
+    """What a row shares with its opposite-level twin: the scenario and the trait."""
+    return f"{row.scenario}\x1f{row.trait.value}"
+
+
+def mirror_blocks(items: Sequence[T], key: Callable[[T], str], seed: int) -> list[T]:
+    """``items`` in blocks of mirror twins (same :func:`mirror_of` key: one scenario and trait, its
+    levels), the blocks in a seeded random order, each block's items together in the order they came.
+
+    A unified adapter is trained on these in this order (the trainer's sampler is sequential): each
+    batch then holds a condition and its opposite for the same Speaker X turn, so the gradient of a
+    style shared by the two cancels inside the batch and what is left is the part that depends on
+    the level word. With random batches, one that holds only "high" pairs pushes every reply towards
+    the high style and the next one back, and this noise swamps the conditional signal (measured in
+    ``bench/unified_conditioning.py``, docs/RESULTS.md). A key seen once is a block of one.
+    """
+    import random
+
+    blocks: dict[str, list[T]] = {}
+    for item in items:
+        blocks.setdefault(key(item), []).append(item)
+    order = sorted(blocks)
+    random.Random(seed).shuffle(order)
+    return [item for k in order for item in blocks[k]]

@@ -59,9 +59,13 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
     rows = [r for r in rows if (r.trait, r.level) in wanted or spec.method == "dpo"]
     train_rows, test_rows = ds.split_by_scenario(rows, spec.test_fraction, spec.seed)
 
+    mirrored = spec.mirrored_batches()
+
     def build(part: list[ds.Row]) -> tuple[list[dict[str, Any]], ds.PairReport]:
         if spec.method == "sft":
             chosen = [r for r in part if (r.trait, r.level) in wanted] if target is None else ds.select(part, *target)
+            if mirrored:
+                chosen = ds.mirror_blocks(chosen, ds.mirror_of, spec.seed)
             examples = ds.sft_examples(chosen, spec.layout, spec.instruction_placement)
             # prompt/completion form: TRL then trains on the reply tokens only
             return [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples], ds.PairReport()
@@ -70,10 +74,18 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
         targets = [target] if target is not None else sorted(wanted)
         for trait, level in targets:
             got, missing = ds.dpo_pairs(
-                ds.select(part, trait), spec.layout, trait=trait, level=level, placement=spec.instruction_placement
+                ds.select(part, trait),
+                spec.layout,
+                trait=trait,
+                level=level,
+                placement=spec.instruction_placement,
+                mirror_key=mirrored,
             )
             pairs += got
             skipped += missing
+        if mirrored:
+            pairs = ds.mirror_blocks(pairs, lambda p: p["mirror"], spec.seed)
+            pairs = [{k: v for k, v in p.items() if k != "mirror"} for p in pairs]
         return pairs, skipped
 
     train, skipped = build(train_rows)
@@ -88,9 +100,10 @@ def prepare(spec: TrainSpec, rows: list[ds.Row], report: str, target: tuple[Trai
         )
     test, _ = build(test_rows)
     if spec.max_train_rows is not None:
-        import random
+        if not mirrored:  # mirrored: the blocks are in a random order already; keep them whole
+            import random
 
-        random.Random(spec.seed).shuffle(train)
+            random.Random(spec.seed).shuffle(train)
         train = train[: spec.max_train_rows]
     if not train:
         raise ds.DatasetError(f"no training examples for {target or 'the unified adapter'} in {spec.dataset!r}")
@@ -141,6 +154,8 @@ def _progress_callback(progress: ProgressFn | None) -> Any:
             }
             if "loss" in logs:
                 info["loss"] = float(logs["loss"])
+            # DPO's own view of whether the adapter uses its condition (chosen over rejected)
+            info.update({k: float(v) for k, v in logs.items() if k in ("rewards/margins", "rewards/accuracies")})
             progress(info)
 
     return _Progress()
@@ -200,6 +215,14 @@ def _fast_sft_trainer() -> Any:
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     return FastSFTTrainer
+
+
+def dpo_losses(spec: TrainSpec) -> dict[str, Any]:
+    """TRL's DPO loss terms for ``spec``: the sigmoid loss, plus an NLL term on the chosen reply when
+    ``sft_weight`` > 0 (TRL's ``"sft"`` loss type, combined by ``loss_weights``)."""
+    if spec.sft_weight > 0:
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, spec.sft_weight]}
+    return {"loss_type": ["sigmoid"], "loss_weights": None}
 
 
 def sft_trainer_class(use_cpu: bool) -> Any:
@@ -294,6 +317,8 @@ def train_adapter(
         include_num_input_tokens_seen="non_padding",
         # TRL turns it on by default; on a CPU it costs a third more compute for memory a small model does not need
         gradient_checkpointing=(not use_cpu) if spec.gradient_checkpointing is None else spec.gradient_checkpointing,
+        # mirrored batches (a unified adapter): `prepare` laid the examples out in twin blocks, keep that order
+        train_sampling_strategy="sequential" if spec.mirrored_batches() else "random",
     )
     train_ds = Dataset.from_list(data.train)
     eval_ds = Dataset.from_list(data.test) if (spec.eval and data.test) else None
@@ -308,7 +333,7 @@ def train_adapter(
         from trl import DPOConfig, DPOTrainer
 
         trainer_cls = DPOTrainer
-        args = DPOConfig(**common, beta=spec.beta, loss_type=["sigmoid"])
+        args = DPOConfig(**common, beta=spec.beta, **dpo_losses(spec))
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -322,8 +347,9 @@ def train_adapter(
     kept = len(trainer.train_dataset)
     if kept < len(train_ds):
         logger.warning(
-            "%d of %d training examples dropped by the trainer: their prompt alone fills max_length=%d",
+            "%d of %d training examples dropped by the trainer: their prompt alone fills max_length=%d%s",
             len(train_ds) - kept, len(train_ds), spec.max_length,
+            " (a mirrored batch may then miss its twin)" if spec.mirrored_batches() else "",
         )  # fmt: skip
 
     if resume == "auto":

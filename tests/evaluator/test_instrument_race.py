@@ -55,3 +55,21 @@ def test_another_integrity_error_still_surfaces(tmp_path: Path, monkeypatch: Any
     monkeypatch.setattr(store, "inventory_record", always)
     with pytest.raises(IntegrityError):
         runner._store_instrument("bfi44", None)
+
+
+def test_reading_a_built_in_inventory_stores_nothing(tmp_path: Path) -> None:
+    """GET /v1/inventories/{name} and compare read a built-in without inserting it, so they cannot race
+    an assessment's first insert; what they read is the stored row once there is one."""
+    url = f"sqlite:///{tmp_path / 'read.sqlite3'}"
+    migrate.upgrade(url)
+    sessions = session_factory(make_engine(url))
+    with transaction(sessions) as session:
+        read = store.load_inventory(session, "bfi44")
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(InventoryRecord)) == 0
+    assert read == store.builtin_inventories()["bfi44"]
+    with transaction(sessions) as session:
+        store.inventory_record(session, "bfi44")
+        assert store.load_inventory(session, "bfi44") == read
+    with pytest.raises(store.InventoryNotFound), sessions() as session:
+        store.load_inventory(session, "no-such-inventory")

@@ -486,3 +486,51 @@ def test_dpo_skips_and_counts_a_partner_that_answers_another_speaker_x(sample: l
     assert skipped == PairReport(mismatched_speaker_x=1)
     assert len(pairs) == 69
     assert all(p["chosen"][0]["content"] != target.speaker_y.strip() for p in pairs)
+
+
+# ----------------------------------------------------------------------------- mirrored batches (unified layout)
+
+
+def _condition_of(example: dict[str, Any]) -> str:
+    """The level word at the end of the unified instruction, wherever it was placed."""
+    text = " ".join(m["content"] for m in example["prompt"])
+    return "high" if " - high" in text else "low"
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_unified_examples_come_in_twin_blocks_in_a_seeded_random_order(sample: list[Row], method: str) -> None:
+    """Each pair of examples answers one Speaker X turn at both levels of one trait; the block order is
+    random but fixed by the seed, and the per-trait layout keeps its old random order."""
+    from big5core.training import TrainSpec
+    from trainer.train import prepare
+
+    def train(**kw: Any) -> list[dict[str, Any]]:
+        spec = TrainSpec.model_validate({"method": method, "layout": "unified", "max_steps": 1, **kw})
+        return prepare(spec, sample, "", None).train
+
+    examples = train()
+    assert len(examples) % 2 == 0 and "mirror" not in examples[0]
+    for first, second in zip(examples[::2], examples[1::2], strict=True):
+        speaker_x = first["prompt"][-1]["content"].split("\n\n")[-1]
+        assert second["prompt"][-1]["content"].endswith(speaker_x)
+        assert {_condition_of(first), _condition_of(second)} == {"high", "low"}
+        if method == "dpo":
+            assert first["chosen"] == second["rejected"] and first["rejected"] == second["chosen"]
+    traits = [next(t for t in TRAITS if t.title in e["prompt"][-1]["content"]) for e in examples[::2]]
+    assert len(set(traits[:10])) > 1, "blocks are shuffled across traits, not one trait after another"
+    assert train() == examples
+    assert train(seed=1) != examples
+    assert train(mirror_batches=False) != examples
+    assert sorted(map(str, train(mirror_batches=False))) == sorted(map(str, examples))
+
+
+def test_mirror_blocks_keeps_every_item_and_groups_by_key() -> None:
+    from trainer.dataset import mirror_blocks
+
+    items = [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("b", 2)]
+    out = mirror_blocks(items, lambda i: i[0], seed=3)
+    assert sorted(out) == sorted(items)
+    keys = [k for k, _ in out]
+    assert all(keys.index(k) + keys.count(k) - 1 == len(keys) - 1 - keys[::-1].index(k) for k in set(keys))
+    assert [n for k, n in out if k == "a"] == [1, 2]
+    assert mirror_blocks(items, lambda i: i[0], seed=3) == out

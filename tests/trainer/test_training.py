@@ -228,3 +228,29 @@ def test_dpo_after_sft_starts_from_the_sft_adapter(settings: Settings, tiny_mode
     assert started.keys() == sft_b.keys()
     assert all(torch.allclose(started[k], sft_b[k], atol=1e-6) and sft_b[k].abs().sum() > 0 for k in sft_b)
     assert all(t.abs().sum() < 1e-6 for t in fresh_b.values())  # a fresh LoRA starts with B = 0
+
+
+def test_dpo_losses_add_an_nll_term_only_when_asked() -> None:
+    from trainer.train import dpo_losses
+
+    assert dpo_losses(TrainSpec(method="dpo")) == {"loss_type": ["sigmoid"], "loss_weights": None}
+    assert dpo_losses(TrainSpec(method="dpo", sft_weight=0.5)) == {
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 0.5],
+    }
+    with pytest.raises(ValueError):
+        TrainSpec(method="dpo", sft_weight=-1)
+    assert TrainSpec(method="dpo", layout="unified").mirrored_batches()
+    assert not TrainSpec(method="dpo", layout="per-trait", conditions=["extraversion:high"]).mirrored_batches()
+    assert not TrainSpec(method="sft", layout="unified", mirror_batches=False).mirrored_batches()
+
+
+@pytest.mark.slow  # trains
+def test_unified_dpo_in_twin_blocks_with_an_nll_term_trains(tiny_model: Path, tmp_path: Path) -> None:
+    """The unified recipe's options reach TRL for real: sequential twin batches, sigmoid + sft losses."""
+    spec = TrainSpec(method="dpo", layout="unified", sft_weight=1.0, **FAST)
+    rows, report = load_dataset_rows(spec)
+    data = prepare(spec, rows, report, None)
+    result = train_adapter(spec, data, str(tiny_model), tmp_path / "out", tmp_path / "ckpt", show_progress_bar=False)
+    assert result.steps == 3 and result.train_loss is not None and result.train_loss > 0
+    check_adapter_folder(tmp_path / "out")
