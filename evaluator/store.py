@@ -61,15 +61,23 @@ def _record(inventory: Inventory, builtin: bool) -> InventoryRecord:
     return record
 
 
-def inventory_record(session: Session, name: str) -> InventoryRecord:
-    """The stored inventory ``name``; built-ins are stored on first use."""
-    record = session.scalar(select(InventoryRecord).where(InventoryRecord.name == name))
-    if record is not None:
-        return record
+def _stored(session: Session, name: str) -> InventoryRecord | None:
+    return session.scalar(select(InventoryRecord).where(InventoryRecord.name == name))
+
+
+def _builtin(name: str) -> Inventory:
     builtin = builtin_inventories().get(name)
     if builtin is None:
         raise InventoryNotFound(f"unknown inventory {name!r}")
-    record = _record(builtin, builtin=True)
+    return builtin
+
+
+def inventory_record(session: Session, name: str) -> InventoryRecord:
+    """The stored inventory ``name``; built-ins are stored on first use."""
+    record = _stored(session, name)
+    if record is not None:
+        return record
+    record = _record(_builtin(name), builtin=True)
     session.add(record)
     session.flush()
     return record
@@ -78,13 +86,8 @@ def inventory_record(session: Session, name: str) -> InventoryRecord:
 def load_inventory(session: Session, name: str) -> Inventory:
     """The inventory ``name``, read only: a built-in not stored yet comes from the package, so a read
     (``GET /v1/inventories/{name}``, a compare) never races an assessment's first insert of it."""
-    record = session.scalar(select(InventoryRecord).where(InventoryRecord.name == name))
-    if record is not None:
-        return Inventory.model_validate(record.definition)
-    builtin = builtin_inventories().get(name)
-    if builtin is None:
-        raise InventoryNotFound(f"unknown inventory {name!r}")
-    return builtin
+    record = _stored(session, name)
+    return Inventory.model_validate(record.definition) if record is not None else _builtin(name)
 
 
 def add_inventory(session: Session, inventory: Inventory) -> InventoryRecord:
