@@ -181,11 +181,13 @@ def mirror_blocks(items: Sequence[T], key: Callable[[T], str], seed: int) -> lis
     levels), the blocks in a seeded random order, each block's items together in the order they came.
 
     A unified adapter is trained on these in this order (the trainer's sampler is sequential): each
-    batch then holds a condition and its opposite for the same Speaker X turn, so the gradient of a
-    style shared by the two cancels inside the batch and what is left is the part that depends on
-    the level word. With random batches, one that holds only "high" pairs pushes every reply towards
-    the high style and the next one back, and this noise swamps the conditional signal (measured in
-    ``bench/unified_conditioning.py``, docs/RESULTS.md). A key seen once is a block of one.
+    batch then holds a condition and its opposite for the same Speaker X turn. For DPO the push
+    towards either level's style cancels inside the batch and what is left is the part that depends
+    on the level word; with random batches, one that holds only "high" pairs pushes every reply
+    towards the high style and the next one back, and this noise swamps the conditional signal. For
+    SFT the twins share the batch too, but the pooled style is still rewarded: measured, SFT stays
+    level-blind either way (``bench/unified_conditioning.py``, docs/RESULTS.md). A key seen once is a
+    block of one.
     """
     import random
 
