@@ -1,7 +1,8 @@
 """Reasoning benchmark: the paper's 11 conditions on the lm-eval tasks, and the table beside the paper's.
 
 Direct plus the 10 trait-level conditions (5 traits x high/low) of one method: SFT with the unified
-adapter when the registry has one for the base model (the paper's setting), else Prompt-Inst (say so).
+adapter when the registry has one for the base model (the paper's setting), else Prompt-Inst (say so);
+``--layout per-trait`` gives each condition its own per-trait adapter instead (named in its key).
 Tasks: SocialIQA, CommonsenseQA, PIQA, TruthfulQA mc2, ARC-Easy, a stratified MMLU slice and GSM8K,
 each with a per-task item limit. All conditions run at once on ONE engine (their requests share its
 batches); per condition it prints the wall time and items/s, then the table (accuracy induced high /
@@ -11,6 +12,7 @@ the registry is read as it is (no migration). ``--json``/``--plot`` write the ta
 
     python bench/reasoning.py --limit 40 --gsm8k-limit 5          # ~15-20 min on 2 busy cores
     python bench/reasoning.py --method prompt --tasks piqa,arc_easy --limit 100
+    python bench/reasoning.py --method sft --layout per-trait --limit 40 --gsm8k-limit 5
     python bench/reasoning.py --direct-only --tasks piqa,arc_easy,commonsense_qa --limit 0   # whole splits, Direct
 """
 
@@ -41,6 +43,12 @@ def main() -> None:
     parser.add_argument("--gsm8k-limit", type=int, default=5)
     parser.add_argument("--max-gen-toks", type=int, default=128)
     parser.add_argument("--method", choices=["auto", "sft", "dpo", "prompt"], default="auto")
+    parser.add_argument(
+        "--layout",
+        choices=["unified", "per-trait"],
+        default="unified",
+        help="sft/dpo: the unified adapter (the paper's) or each condition's own per-trait adapter",
+    )
     parser.add_argument("--direct-only", action="store_true")
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--concurrency", type=int, default=11)
@@ -65,10 +73,10 @@ def main() -> None:
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
     settings = get_settings()
     stack = build_stack(settings, migrate_db=False)
-    method, note = pick_method(stack, args.method)
+    method, note = pick_method(stack, args.method, args.layout)
     conditions = ["big5/direct"]
     if not args.direct_only:
-        conditions += [f"big5/{method}?{t.value}={v}" for t in TRAITS for v in (1, -1)]
+        conditions += [condition(stack, method, args.layout, t, v) for t in TRAITS for v in (1, -1)]
     started = time.monotonic()
     engine = stack.make_engine()
     engine.start()
@@ -145,11 +153,15 @@ def main() -> None:
     print(f"\n(bench/reasoning.py, {dt.date.today().isoformat()}, wall {wall:.0f} s)", file=sys.stderr)
 
 
-def pick_method(stack: Any, wanted: str) -> tuple[str, str]:
+def pick_method(stack: Any, wanted: str, layout: str = "unified") -> tuple[str, str]:
     from big5core import registry
 
     if wanted == "prompt":
         return "prompt", "Prompt-Inst, as asked"
+    if layout == "per-trait":
+        if wanted == "auto":
+            raise SystemExit("--layout per-trait needs --method sft or dpo")
+        return wanted, "each condition's per-trait adapter"
     with stack.sessions() as session:
         for method in ("sft", "dpo") if wanted == "auto" else (wanted,):
             row = registry.find(session, method=method, layout="unified", base_model=stack.base_model_id)
@@ -158,6 +170,27 @@ def pick_method(stack: Any, wanted: str) -> tuple[str, str]:
     if wanted != "auto":
         raise SystemExit(f"no ready unified {wanted} adapter for {stack.base_model_id}")
     return "prompt", "no unified SFT/DPO adapter in the registry: Prompt-Inst personas instead"
+
+
+def condition(stack: Any, method: str, layout: str, trait: Any, value: int) -> str:
+    """The persona key of one trait-level condition; per-trait names its adapter, which the resolver
+    would otherwise pass over for the unified one."""
+    if method == "prompt" or layout == "unified":
+        return f"big5/{method}?{trait.value}={value}"
+    from big5core import registry
+    from big5core.traits import TraitVector
+
+    with stack.sessions() as session:
+        for row in reversed(registry.list_adapters(session, state="ready", base_model=stack.base_model_id)):
+            if row.method != method or row.layout != "per-trait":
+                continue
+            try:
+                carried = TraitVector.model_validate(row.traits).quantised(0.25)
+            except ValueError:
+                continue
+            if carried == {trait: float(value)}:
+                return f"big5/{method}?{trait.value}={value}&adapter={row.ref}"
+    raise SystemExit(f"no ready per-trait {method} adapter for {trait.value}={value}")
 
 
 def markdown(table: Any, method: str, limits: dict[str, int | None]) -> str:

@@ -20,7 +20,8 @@ every LoRA linear layer makes -- with the segmented path of :mod:`big5core.sgmv`
 expand product per projection per batch, fused slices, ranks trimmed, base rows skipped. The wrapper's
 ``update_metadata`` builds the per-step row plan, and ``LoRAModelManager.activate_adapter`` marks the
 slot it writes so packed weights are rebuilt for it. ``BIG5_VLLM_SGMV_LORA=0`` keeps the grouped ops
-alone (for comparison).
+alone (for comparison). ``add_lora_logits`` skips the LM-head delta when no loaded adapter has one
+(prompt log-probs in a batch of several adapters crashed the engine otherwise).
 """
 
 from __future__ import annotations
@@ -159,6 +160,36 @@ def _segmented_linear(original: Any) -> Any:
     return add_lora_linear
 
 
+def _logits_guard(original: Any) -> Any:
+    def add_lora_logits(
+        self: Any,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: float,
+        **kwargs: Any,
+    ) -> Any:
+        # vLLM computes prompt log-probs (lm-eval's loglikelihood) with the logits layer over one
+        # request's prompt rows while ``sampler_indices`` holds one entry per sampled request of the
+        # whole batch; with two adapters in the batch the rows and indices no longer line up and
+        # the op indexed past the input, killing the engine. No adapter here trains the LM head, so
+        # the delta is exactly zero: skip it. An adapter that does train it gets a clear error.
+        if not bool(torch.any(lora_a_stacked)):
+            return None
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        indices = self.sampler_indices
+        if indices.shape[0] != rows and torch.unique(indices).numel() > 1:
+            raise NotImplementedError(
+                f"LM-head LoRA logits for {rows} rows with {indices.shape[0]} sampler indices of "
+                "several adapters (prompt log-probs in a mixed batch): not supported on the CPU path"
+            )
+        return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
+
+    add_lora_logits._big5 = True  # type: ignore[attr-defined]
+    return add_lora_logits
+
+
 def _versioned_activation(original: Any) -> Any:
     def activate_adapter(self: Any, lora_id: int) -> bool:
         written = bool(original(self, lora_id))
@@ -213,6 +244,8 @@ def register() -> None:
         for name, function in PATCHED.items():
             if hasattr(module, name):
                 setattr(module, name, function)
+    if hasattr(punica_cpu.PunicaWrapperCPU, "add_lora_logits"):
+        _patch_method(punica_cpu.PunicaWrapperCPU, "add_lora_logits", _logits_guard)
     logger.debug("big5 grouped LoRA ops installed for vLLM's CPU backend")
     if _switched_off(SGMV_SWITCH):
         return

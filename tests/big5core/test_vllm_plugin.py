@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 from importlib.metadata import entry_points
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -95,7 +96,12 @@ def test_registered_for_vllm_and_patches_the_cpu_path(monkeypatch: pytest.Monkey
     from vllm.lora.model_manager import LoRAModelManager
 
     wrapper = punica_cpu.PunicaWrapperCPU
-    methods = [(wrapper, "update_metadata"), (wrapper, "add_lora_linear"), (LoRAModelManager, "activate_adapter")]
+    methods = [
+        (wrapper, "update_metadata"),
+        (wrapper, "add_lora_linear"),
+        (wrapper, "add_lora_logits"),
+        (LoRAModelManager, "activate_adapter"),
+    ]
     for owner, name in methods:  # restored after the test, patched or not
         monkeypatch.setattr(owner, name, vllm_plugin._ORIGINALS.get(f"{owner.__name__}.{name}", getattr(owner, name)))
     monkeypatch.setenv(vllm_plugin.ENV_SWITCH, "0")
@@ -115,6 +121,30 @@ def test_registered_for_vllm_and_patches_the_cpu_path(monkeypatch: pytest.Monkey
         patched = getattr(owner, name)
         assert getattr(patched, "_big5", False)
         assert not getattr(vllm_plugin._ORIGINALS[f"{owner.__name__}.{name}"], "_big5", False)
+
+
+def test_logits_of_prompt_rows_in_a_mixed_batch() -> None:
+    """Prompt log-probs: the logits layer sees one request's prompt rows while the sampler indices
+    cover the whole batch. Without an LM-head LoRA the delta is zero and nothing is indexed (this
+    crashed the engine in bench/reasoning.py); with one, a clear error, never a wrong row."""
+    calls: list[int] = []
+
+    def original(self: Any, y: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        calls.append(x.shape[0])
+        y += 1.0
+
+    guard = vllm_plugin._logits_guard(original)
+    wrapper = SimpleNamespace(sampler_indices=torch.tensor([0, 1, 1, 0]))
+    x, y = weights((7, HIDDEN), 1), torch.zeros(7, 32)
+    zero_a, zero_b = torch.zeros(SLOTS, 1, RANK, HIDDEN), torch.zeros(SLOTS, 1, 32, RANK)
+    guard(wrapper, y, x, zero_a, zero_b, 1.0)
+    assert calls == [] and torch.count_nonzero(y) == 0
+    some_a = weights((SLOTS, 1, RANK, HIDDEN), 2)
+    with pytest.raises(NotImplementedError, match="7 rows with 4 sampler indices"):
+        guard(wrapper, y, x, some_a, zero_b, 1.0)
+    wrapper.sampler_indices = torch.tensor([1] * 7)
+    guard(wrapper, y, x, some_a, zero_b, 1.0)
+    assert calls == [7]
 
 
 def _fresh_punica_cpu(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
