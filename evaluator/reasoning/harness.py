@@ -119,6 +119,19 @@ def items_from_samples(info: TaskInfo, samples: list[dict[str, Any]]) -> list[It
     return out
 
 
+def shared_progress_lock() -> None:
+    """Give tqdm its class-wide lock before units run side by side in threads.
+
+    ``datasets`` loads task files through ``tqdm.contrib.concurrent.thread_map``, whose
+    ``ensure_lock`` creates tqdm's class lock when there is none and deletes it afterwards; two units
+    loading at once both delete it and the second dies (``type object 'tqdm' has no attribute
+    '_lock'``, seen in bench/reasoning.py). With the lock already there it is kept, never deleted.
+    """
+    from tqdm import tqdm
+
+    tqdm.get_lock()
+
+
 def evaluate_unit(
     lm: Big5LM,
     info: TaskInfo,
@@ -133,6 +146,7 @@ def evaluate_unit(
     from lm_eval.tasks import TaskManager
 
     started = time.monotonic()
+    shared_progress_lock()
     spec = lm_task_spec(info, settings, max_gen_toks=max_gen_toks)
     name = lm_task_name(info, settings)
     stock = settings.source == "stock"

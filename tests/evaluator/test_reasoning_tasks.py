@@ -207,3 +207,23 @@ def test_include_dir_loads_in_lm_eval(tmp_path: Path) -> None:
     task = manager.load(["big5_truthfulqa_mc2"])["tasks"]["big5_truthfulqa_mc2"]
     assert len(task.test_docs()) == 817
     assert task.config.process_results.__name__ == "process_results_mc2"
+
+
+def test_units_side_by_side_keep_tqdm_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two units loading task files at once: datasets' thread_map must not delete tqdm's class lock
+    under the other (bench/reasoning.py died of it), so evaluate_unit gives tqdm its lock first."""
+    from datasets.utils.tqdm import tqdm as hf_tqdm
+    from tqdm import tqdm
+    from tqdm.contrib.concurrent import ensure_lock
+
+    from evaluator.reasoning.harness import shared_progress_lock
+
+    monkeypatch.delattr(tqdm, "_lock", raising=False)
+    monkeypatch.delattr(hf_tqdm, "_lock", raising=False)
+    with ensure_lock(hf_tqdm):
+        pass
+    assert not hasattr(hf_tqdm, "_lock")  # created and deleted: what a second thread tripped over
+    shared_progress_lock()
+    with ensure_lock(hf_tqdm):
+        pass
+    assert hasattr(hf_tqdm, "_lock")
