@@ -178,18 +178,19 @@ def condition(stack: Any, method: str, layout: str, trait: Any, value: int) -> s
     if method == "prompt" or layout == "unified":
         return f"big5/{method}?{trait.value}={value}"
     from big5core import registry
-    from big5core.traits import TraitVector
+    from big5core.traits import Level
 
-    with stack.sessions() as session:
-        for row in reversed(registry.list_adapters(session, state="ready", base_model=stack.base_model_id)):
-            if row.method != method or row.layout != "per-trait":
-                continue
-            try:
-                carried = TraitVector.model_validate(row.traits).quantised(0.25)
-            except ValueError:
-                continue
-            if carried == {trait: float(value)}:
-                return f"big5/{method}?{trait.value}={value}&adapter={row.ref}"
+    level = Level.HIGH if value > 0 else Level.LOW
+    with stack.sessions() as session:  # the resolver's own per-trait lookup
+        row = registry.find(
+            session,
+            method=method,
+            layout="per-trait",
+            base_model=stack.base_model_id,
+            traits={trait.value: level.value},
+        )
+    if row is not None:
+        return f"big5/{method}?{trait.value}={value}&adapter={row.ref}"
     raise SystemExit(f"no ready per-trait {method} adapter for {trait.value}={value}")
 
 
