@@ -9,10 +9,13 @@ batches); per condition it prints the wall time and items/s, then the table (acc
 low, the paired difference with its 95% bootstrap CI, Direct, the mean over tasks) and whether the
 paper's direction (C+ > C-, A+ > A-, E- > E+, N- > N+) appears. Nothing is written to the database:
 the registry is read as it is (no migration). ``--json``/``--plot`` write the table and its plot.
+``--units`` appends each unit (task x condition) to a JSON-lines file as it finishes and, when the file
+already holds units of the same run, skips them: a run stopped midway keeps what it measured and
+resumes where it stopped (the table covers every unit in the file).
 
     python bench/reasoning.py --limit 40 --gsm8k-limit 5          # ~15-20 min on 2 busy cores
     python bench/reasoning.py --method prompt --tasks piqa,arc_easy --limit 100
-    python bench/reasoning.py --method sft --layout per-trait --limit 40 --gsm8k-limit 5
+    python bench/reasoning.py --method sft --layout per-trait --limit 40 --gsm8k-limit 5 --units runs.jsonl
     python bench/reasoning.py --direct-only --tasks piqa,arc_easy,commonsense_qa --limit 0   # whole splits, Direct
 """
 
@@ -26,6 +29,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Lock
 from typing import Any
 
 DEFAULT_TASKS = "social_iqa,commonsense_qa,piqa,truthfulqa_mc2,arc_easy,mmlu,gsm8k"
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--chat-template", action="store_true")
     parser.add_argument("--concurrency", type=int, default=11)
     parser.add_argument("--data-dir", type=Path, default=None, help="task files (default BIG5_REASONING__DATA_DIR)")
+    parser.add_argument("--units", type=Path, default=None, help="JSON-lines file of finished units (resumes)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -96,11 +101,14 @@ def main() -> None:
         for key in conditions:
             resolved = stack.resolver.resolve(PersonaSpec.from_model_name(key))
             models[key] = Big5LM(engine=engine, resolved=resolved)
-        units: list[Any] = []
+        run = run_identity(args, rsettings, lm_eval_version())
+        done = finished_units(args.units, run)
+        rows: list[dict[str, Any]] = list(done.values())
         spans: dict[str, list[float]] = defaultdict(list)
+        write = Lock()
         began = time.monotonic()
 
-        def one(job: tuple[Any, str]) -> Any:
+        def one(job: tuple[Any, str]) -> None:
             info, key = job
             t0 = time.monotonic()
             unit = evaluate_unit(
@@ -111,38 +119,46 @@ def main() -> None:
                 apply_chat_template=args.chat_template,
                 max_gen_toks=args.max_gen_toks,
             )
-            spans[key] += [t0 - began, time.monotonic() - began]
+            row = {
+                "run": run,
+                "task": unit.task,
+                "method": unit.method,
+                "traits": unit.resolved_persona.get("traits") or {},
+                "persona_key": unit.persona_key,
+                "seconds": unit.seconds,
+                "scores": {i.item_id: i.score for i in unit.items},
+            }
+            with write:
+                spans[key] += [t0 - began, time.monotonic() - began]
+                rows.append(row)
+                if args.units is not None:
+                    with args.units.open("a") as out:
+                        out.write(json.dumps(row, default=str) + "\n")
             print(f"  {info.name:<15} {key:<42} {len(unit.items):>4} items {unit.seconds:6.1f} s", flush=True)
-            return unit
 
-        jobs = [(info, key) for info in tasks for key in conditions]
-        with ThreadPoolExecutor(max_workers=min(args.concurrency, len(jobs))) as pool:
-            units = list(pool.map(one, jobs))
+        jobs = [(i, k) for i in tasks for k in conditions if (i.name, models[k].persona.key) not in done]
+        if done:
+            print(f"{len(done)} units already in {args.units}; {len(jobs)} to run")
+        if jobs:
+            with ThreadPoolExecutor(max_workers=min(args.concurrency, len(jobs))) as pool:
+                list(pool.map(one, jobs))
         wall = time.monotonic() - began
     finally:
         engine.shutdown()
         stack.close()
 
-    total_items = sum(len(u.items) for u in units)
+    total_items = sum(len(r["scores"]) for r in rows)
     print(f"\n## Time per condition ({len(tasks)} tasks, all conditions at once on one engine)")
-    print("| condition | items | wall s (first start to last end) | items/s |")
-    print("|---|---|---|---|")
+    print("| condition | items | wall s this run (first start to last end) | items/s | unit s (sum) |")
+    print("|---|---|---|---|---|")
     for key in conditions:
-        n = sum(len(u.items) for u in units if u.persona_key == models[key].persona.key)
+        mine = [r for r in rows if r["persona_key"] == models[key].persona.key]
+        n = sum(len(r["scores"]) for r in mine)
         span = max(spans[key]) - min(spans[key]) if spans[key] else 0.0
-        print(f"| {key} | {n} | {span:.0f} | {n / span if span else 0:.2f} |")
-    print(f"| **all** | {total_items} | {wall:.0f} | {total_items / wall:.2f} |")
+        rate = f"{n / span:.2f}" if span else "-"
+        print(f"| {key} | {n} | {span:.0f} | {rate} | {sum(r['seconds'] for r in mine):.0f} |")
+    print(f"| **all** | {total_items} | {wall:.0f} | - | - |")
 
-    rows = [
-        {
-            "task": u.task,
-            "method": u.method,
-            "traits": u.resolved_persona.get("traits") or {},
-            "persona_key": u.persona_key,
-            "scores": {i.item_id: i.score for i in u.items},
-        }
-        for u in units
-    ]
     table = reasoning_table(rows, [t.name for t in tasks])
     print()
     print(markdown(table, method, {t.name: limit_of(t.name) for t in tasks}))
@@ -151,6 +167,35 @@ def main() -> None:
     if args.plot:
         args.plot.write_bytes(table_figure(table, args.plot.suffix.lstrip(".") or "svg"))
     print(f"\n(bench/reasoning.py, {dt.date.today().isoformat()}, wall {wall:.0f} s)", file=sys.stderr)
+
+
+def run_identity(args: argparse.Namespace, rsettings: Any, lm_eval: str) -> dict[str, Any]:
+    """What makes units comparable: a unit in ``--units`` is reused only when all of this matches."""
+    return {
+        "limit": args.limit,
+        "mmlu_limit": args.mmlu_limit,
+        "gsm8k_limit": args.gsm8k_limit,
+        "max_gen_toks": args.max_gen_toks,
+        "chat_template": args.chat_template,
+        "source": rsettings.source,
+        "lm_eval": lm_eval,
+    }
+
+
+def finished_units(path: Path | None, run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Units already in the JSON-lines file for this run, by (task, persona key). A torn last line (the
+    run killed while writing) is ignored and rerun; a unit of another run is not reused."""
+    if path is None or not path.exists():
+        return {}
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("run") == run:
+            done[(row["task"], row["persona_key"])] = row
+    return done
 
 
 def pick_method(stack: Any, wanted: str, layout: str = "unified") -> tuple[str, str]:
