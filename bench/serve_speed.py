@@ -116,7 +116,7 @@ def main() -> None:
 
     from big5core import registry
     from big5core.db import transaction
-    from big5core.engine import SamplingOptions
+    from big5core.generation import SamplingOptions
     from big5core.persona import PersonaSpec
     from big5core.prompts import ChatMessage
     from big5core.settings import EngineSettings, Settings

@@ -184,7 +184,7 @@ async def administer(
     progress: ProgressFn | None = None,
 ) -> list[Response]:
     """Every item of every run; runs go one after another, items of a run concurrently."""
-    from big5core.engine import SamplingOptions
+    from big5core.generation import SamplingOptions
 
     options = list(inventory.scale.options)
     anchors = list(inventory.scale.anchors)

@@ -208,7 +208,7 @@ async def administer_dialogue(
     progress: ProgressFn | None = None,
 ) -> list[Response]:
     """Every item of every run (items of a run concurrently, so the engine batches them), judged."""
-    from big5core.engine import SamplingOptions
+    from big5core.generation import SamplingOptions
 
     items = dialogue.items[:max_items] if max_items else dialogue.items
     responses: list[Response] = []

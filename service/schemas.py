@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from big5core.engine import SamplingOptions
+from big5core.generation import SamplingOptions
 from big5core.persona import PersonaSpec
 from big5core.prompts import ChatMessage
 from big5core.traits import Method, TraitVector

@@ -24,14 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from big5core.compose_cache import COMPOSED_PREFIX, Residency
-from big5core.engine import (
-    EngineNotReady,
-    GenerationChunk,
-    GenerationResult,
-    PersonaEngine,
-    PromptTooLong,
-    SamplingOptions,
-)
+from big5core.engine import EngineNotReady, PersonaEngine, PromptTooLong
+from big5core.generation import GenerationChunk, GenerationResult, SamplingOptions
 from big5core.lora import LoraHandle
 from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
 from big5core.prompts import ChatMessage

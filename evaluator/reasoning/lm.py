@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from big5core.engine import PersonaEngine, SamplingOptions, encode_pair
+from big5core.engine import PersonaEngine
+from big5core.generation import SamplingOptions
+from big5core.option_tokens import encode_pair
 from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
 from big5core.prompts import ChatMessage, with_prefix
 

@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 
 from big5core import vllm_plugin
-from big5core.engine import (
-    EngineNotReady,
-    GenerationResult,
-    PersonaEngine,
-    PromptTooLong,
-    SamplingOptions,
-)
+from big5core.engine import EngineNotReady, PersonaEngine, PromptTooLong
+from big5core.generation import GenerationResult, SamplingOptions
 from big5core.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from big5core.prompts import ChatMessage
 from tests.engine_support import TEST_ENGINE, engine_model_path, start_test_engine

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from big5core.engine import OptionScores, OptionTokensUnavailable, check_option_tokens, encode_pair
+from big5core.generation import OptionScores
+from big5core.option_tokens import OptionTokensUnavailable, check_option_tokens, encode_pair
 
 DIGITS = ("1", "2", "3", "4", "5")
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from big5core.engine import GenerationResult
+from big5core.generation import GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from big5core.engine import ContinuationScore, PersonaEngine, encode_pair
+from big5core.engine import PersonaEngine
+from big5core.generation import ContinuationScore
+from big5core.option_tokens import encode_pair
 from big5core.prompts import ChatMessage
 
 LABELS = [

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
-from big5core.engine import GenerationResult
+from big5core.generation import GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack

@@ -182,6 +182,7 @@ def _domain_error_classes() -> list[type[BaseException]]:
     import big5core.engine
     import big5core.jobs
     import big5core.modelstore
+    import big5core.option_tokens
     import big5core.persona
     import big5core.registry
     import evaluator.inventories
@@ -189,7 +190,7 @@ def _domain_error_classes() -> list[type[BaseException]]:
     import trainer.worker
 
     modules = [big5core.compose, big5core.engine, big5core.jobs, big5core.modelstore, big5core.persona]
-    modules += [big5core.registry, evaluator.inventories, evaluator.store, trainer.worker]
+    modules += [big5core.option_tokens, big5core.registry, evaluator.inventories, evaluator.store, trainer.worker]
     return [
         value
         for module in modules
