@@ -29,18 +29,16 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="task files (default BIG5_REASONING__DATA_DIR)")
     args = parser.parse_args()
 
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from big5core.persona import PersonaSpec
     from big5core.settings import get_settings
     from big5core.stack import build_stack
-    from evaluator.reasoning.harness import evaluate_unit, items_from_samples, lm_eval_version
+    from evaluator.reasoning.harness import evaluate_unit, items_from_samples, lm_eval_version, run_lm_eval
     from evaluator.reasoning.lm import Big5LM
     from evaluator.reasoning.report import bootstrap_ci
     from evaluator.reasoning.settings import get_reasoning_settings
-    from evaluator.reasoning.tasks import item_indices, lm_task_name, lm_task_spec, resolve_tasks
+    from evaluator.reasoning.tasks import resolve_tasks
 
     rsettings = get_reasoning_settings(**({} if args.data_dir is None else {"data_dir": args.data_dir}))
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
@@ -66,21 +64,8 @@ def main() -> None:
     hf_seconds: dict[str, float] = {}
     for info in tasks:
         t0 = time.monotonic()
-        name = lm_task_name(info, rsettings)
-        indices = item_indices(info, rsettings, limit)
-        results = lm_eval.simple_evaluate(
-            model=hf,
-            tasks=[lm_task_spec(info, rsettings)],
-            task_manager=TaskManager(include_defaults=rsettings.source == "stock"),
-            limit=limit if rsettings.source == "stock" else None,
-            samples=None if rsettings.source == "stock" or indices is None else {name: indices},
-            log_samples=True,
-            bootstrap_iters=0,
-            verbosity="WARNING",
-        )
-        if results is None:
-            raise SystemExit(f"lm-eval returned no results for {name}")
-        theirs[info.name] = {i.doc_index: i for i in items_from_samples(info, results["samples"][name])}
+        _, samples = run_lm_eval(hf, info, rsettings, limit=limit)
+        theirs[info.name] = {i.doc_index: i for i in items_from_samples(info, samples)}
         hf_seconds[info.name] = time.monotonic() - t0
         print(f"  hf   {info.name:<15} {len(theirs[info.name]):>5} items {hf_seconds[info.name]:7.1f} s", flush=True)
 

@@ -132,27 +132,28 @@ def shared_progress_lock() -> None:
     tqdm.get_lock()
 
 
-def evaluate_unit(
-    lm: Big5LM,
+def run_lm_eval(
+    model: Any,
     info: TaskInfo,
     settings: ReasoningSettings,
     *,
     limit: int | None,
     apply_chat_template: bool = False,
     max_gen_toks: int | None = None,
-) -> UnitResult:
-    """Run ``info`` for the persona of ``lm`` (limit: items; MMLU stratified) and keep every item."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """lm-eval's ``simple_evaluate`` of one task on the items ``limit`` selects (MMLU stratified), for
+    any lm-eval model (a persona, or the stock ``hf`` backend in the agreement bench): its results and
+    the logged samples of that task."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    started = time.monotonic()
     shared_progress_lock()
     spec = lm_task_spec(info, settings, max_gen_toks=max_gen_toks)
     name = lm_task_name(info, settings)
     stock = settings.source == "stock"
     indices = item_indices(info, settings, limit)
     results = lm_eval.simple_evaluate(
-        model=lm,
+        model=model,
         tasks=[spec],
         task_manager=TaskManager(include_defaults=stock),
         limit=limit if stock else None,
@@ -168,6 +169,24 @@ def evaluate_unit(
     for task_name, task_samples in results["samples"].items():
         if task_name == name or stock:
             samples += task_samples
+    return results, samples
+
+
+def evaluate_unit(
+    lm: Big5LM,
+    info: TaskInfo,
+    settings: ReasoningSettings,
+    *,
+    limit: int | None,
+    apply_chat_template: bool = False,
+    max_gen_toks: int | None = None,
+) -> UnitResult:
+    """Run ``info`` for the persona of ``lm`` (limit: items; MMLU stratified) and keep every item."""
+    started = time.monotonic()
+    name = lm_task_name(info, settings)
+    results, samples = run_lm_eval(
+        lm, info, settings, limit=limit, apply_chat_template=apply_chat_template, max_gen_toks=max_gen_toks
+    )
     config = results["configs"].get(name) or next(iter(results["configs"].values()))
     metrics = {
         key: value
