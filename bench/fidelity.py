@@ -58,8 +58,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="report what is stored; run nothing")
     args = parser.parse_args()
 
-    from big5.quickstart import FULL_TRAINING, QUICK_TRAINING, dialogue_tables, plan_assessments, run_assessments
+    from big5.quickstart import FULL_TRAINING, QUICK_TRAINING, plan_assessments, run_assessments
     from big5.quickstart import train_all as train_plan
+    from big5.quickstart_report import dialogue_tables
     from big5core.settings import get_settings
     from big5core.stack import build_stack
     from evaluator.judge import JudgeStore
@@ -91,10 +92,10 @@ def main() -> None:
         report = to_dict(inventory, args.runs, direct, results, adapters)
         (reports / f"fidelity-{inventory}.json").write_text(json.dumps(report, indent=2))
         print(markdown(inventory, args.runs, direct, results, adapters))
-    from big5.quickstart import _dialogue_scores
+    from big5.quickstart_report import dialogue_scores
 
     with stack.sessions() as session:
-        scores = _dialogue_scores(session, planned)
+        scores = dialogue_scores(session, planned)
     tables = dialogue_tables(scores, judge)
     targets = dialogue_targets(tables["json"])
     (reports / "fidelity-dialogue.json").write_text(
@@ -172,6 +173,9 @@ def dialogue_targets(data: dict[str, Any]) -> dict[str, tuple[bool, str]]:
             + ", ".join(_f(v, sign=True) for v in m["own"].values())
             + " cross "
             + ", ".join(_f(v, sign=True) for v in m["cross"].values())
+            + " (real replies "
+            + ", ".join(_f(v, sign=True) for v in m.get("real_cross", {}).values())
+            + ")"
             for m in mixes
         )
         out["mixtures: own >= 0.25, cross <= 0.10, >= 2 pairs"] = (len(good) >= 2, detail)

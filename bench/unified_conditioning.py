@@ -17,7 +17,9 @@ held-out scenarios:
 A variant is ``placement[:mod...]``: ``dpo`` (DPO instead of SFT), ``from=<variant>`` (start from that
 variant's adapter, trained earlier in the same run), ``mirror`` / ``random`` (batches of twin
 examples, the unified default, or the old random order), ``nll<w>`` (DPO plus an NLL term of weight
-w), ``beta<x>``, ``r<rank>``, ``steps<n>``, ``lr<x>``.
+w), ``lc<w>`` (SFT plus the level-contrast term of weight w, trainer/level_contrast.py), ``beta<x>``,
+``r<rank>``, ``steps<n>``, ``lr<x>``, ``save<n>`` (keep a checkpoint every n steps under
+``--work``/ckpt, measurable afterwards with ``--adapter``).
 
 Prints a table and writes JSON to ``--out``. Uses HF transformers + PEFT (no vLLM), CPU float32.
 """
@@ -51,6 +53,10 @@ def parse_variant(text: str) -> dict[str, Any]:
             out["lora"] = {"r": int(mod[1:]), "alpha": 2 * int(mod[1:])}
         elif mod.startswith("steps"):
             out["max_steps"] = int(mod[5:])
+        elif mod.startswith("lc"):
+            out["level_contrast"] = float(mod[2:])
+        elif mod.startswith("save"):
+            out["save_steps"] = int(mod[4:])
         elif mod.startswith("lr"):
             out["learning_rate"] = float(mod[2:])
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from big5core.traits import Level, Method, Trait
 
@@ -108,6 +108,13 @@ class TrainSpec(ConditionsSpec):
         description="DPO: weight of an NLL term on the chosen reply beside the sigmoid loss (TRL's 'sft' loss, as in "
         "RPO/MPO): SFT and the contrastive step in one stage; 0 = plain DPO",
     )
+    level_contrast: float = Field(
+        0.0,
+        ge=0,
+        description="SFT, unified layout: weight of a level-contrast term beside the NLL: each reply must be more "
+        "likely under its own level's instruction than under the opposite one (trainer/level_contrast.py); "
+        "0 = plain SFT",
+    )
     seed: int = 0
     test_fraction: float = Field(
         0.2,
@@ -138,6 +145,15 @@ class TrainSpec(ConditionsSpec):
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in the backward pass; default: on a GPU yes, on a CPU no"
     )
+
+    @model_validator(mode="after")
+    def _level_contrast_is_unified_sft(self) -> TrainSpec:
+        if self.level_contrast > 0 and (self.method != Method.SFT or self.layout != "unified"):
+            raise ValueError(
+                "level_contrast needs method sft and the unified layout: it contrasts a reply under its level's "
+                f"instruction with the opposite one (got method {self.method}, layout {self.layout})"
+            )
+        return self
 
     def mirrored_batches(self) -> bool:
         return self.layout == "unified" if self.mirror_batches is None else self.mirror_batches

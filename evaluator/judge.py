@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from big5core.dataset import BUNDLED_REAL, Row, dataset_hash, heldout_split, load_filtered
 from big5core.errors import Conflict, NotFound
 from big5core.traits import TRAITS, Level, Trait
@@ -56,6 +58,10 @@ class TraitMetrics:
     heldout_gap: float | None
     """mean P(high) of the held-out high replies minus that of the held-out low replies: what real
     replies of the two levels score apart, the ceiling a persona can be compared with"""
+    heldout_cross: dict[str, float] = field(default_factory=dict)
+    """other trait -> how far that trait's judge moves between this trait's held-out high and low
+    replies (same high-minus-low difference): the cross effect the real replies themselves show, the
+    reference for a 2x2 mixture's cross effect (empty on a card written before it was measured)"""
 
 
 @dataclass
@@ -76,7 +82,7 @@ class JudgeCard:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JudgeCard:
-        traits = {k: TraitMetrics(**v) for k, v in data.pop("traits").items()}
+        traits = {k: TraitMetrics(**v) for k, v in data.pop("traits").items()}  # an older card: no heldout_cross
         return cls(traits=traits, **data)
 
     def format(self) -> str:
@@ -86,6 +92,15 @@ class JudgeCard:
             acc = "-" if m.heldout_accuracy is None else f"{m.heldout_accuracy:.3f}"
             gap = "-" if m.heldout_gap is None else f"{m.heldout_gap:+.3f}"
             lines.append(f"{trait:<18}{m.train_rows:>7}{m.heldout_rows:>10}{acc:>10}{gap:>10}")
+        if any(m.heldout_cross for m in self.traits.values()):
+            lines += [
+                "",
+                "real replies' cross effect: each judge's high-low difference between a trait's held-out replies",
+            ]
+            lines.append(f"{'replies of':<18}" + "".join(f"{t[:13]:>15}" for t in self.traits))
+            for trait, m in self.traits.items():
+                values = [m.heldout_gap if other == trait else m.heldout_cross.get(other) for other in self.traits]
+                lines.append(f"{trait:<18}" + "".join(f"{'-' if v is None else f'{v:+.3f}':>15}" for v in values))
         return "\n".join(lines)
 
 
@@ -140,6 +155,7 @@ class TraitJudge:
         train, held = heldout_split(rows)
         models: dict[Trait, Any] = {}
         metrics: dict[str, TraitMetrics] = {}
+        pending_cross: dict[Trait, tuple[list[str], list[str]]] = {}
         for trait in TRAITS:
             x, y = _xy(train, trait)
             if len(set(y)) < 2:
@@ -150,14 +166,25 @@ class TraitJudge:
             hx, hy = _xy(held, trait)
             accuracy = gap = None
             if hx and len(set(hy)) == 2:
+                held_high = [text for text, t in zip(hx, hy, strict=True) if t == 1]
+                held_low = [text for text, t in zip(hx, hy, strict=True) if t == 0]
                 probs = model.predict_proba(hx)[:, 1]
                 accuracy = float(sum(int(p >= 0.5) == t for p, t in zip(probs, hy, strict=True)) / len(hy))
                 high = [p for p, t in zip(probs, hy, strict=True) if t == 1]
                 low = [p for p, t in zip(probs, hy, strict=True) if t == 0]
                 gap = float(sum(high) / len(high) - sum(low) / len(low))
             metrics[trait.value] = TraitMetrics(len(x), len(hx), accuracy, gap)
+            if accuracy is not None:
+                pending_cross[trait] = (held_high, held_low)
         if not models:
             raise JudgeNotFound(f"no trait of {dataset!r} has replies at both levels: nothing to train a judge on")
+        for trait, (held_high, held_low) in pending_cross.items():
+            metrics[trait.value].heldout_cross = {
+                other.value: float(np.mean(models[other].predict_proba(held_high)[:, 1]))
+                - float(np.mean(models[other].predict_proba(held_low)[:, 1]))
+                for other in models
+                if other is not trait
+            }
         card = JudgeCard(
             name=name,
             kind=JUDGE_KIND,

@@ -154,8 +154,15 @@ def _progress_callback(progress: ProgressFn | None) -> Any:
             }
             if "loss" in logs:
                 info["loss"] = float(logs["loss"])
-            # DPO's own view of whether the adapter uses its condition (chosen over rejected)
-            info.update({k: float(v) for k, v in logs.items() if k in ("rewards/margins", "rewards/accuracies")})
+            # DPO's own view of whether the adapter uses its condition (chosen over rejected), and the
+            # level-contrast SFT's (each reply more likely under its own level than the opposite one)
+            info.update(
+                {
+                    k: float(v)
+                    for k, v in logs.items()
+                    if k in ("rewards/margins", "rewards/accuracies", "level/accuracy", "level/margin")
+                }
+            )
             progress(info)
 
     return _Progress()
@@ -328,6 +335,10 @@ def train_adapter(
         from trl import SFTConfig
 
         trainer_cls = sft_trainer_class(use_cpu)
+        if spec.level_contrast > 0:
+            from trainer.level_contrast import level_contrast_trainer
+
+            trainer_cls = level_contrast_trainer(trainer_cls, spec.level_contrast, spec.instruction_placement)
         args = SFTConfig(**common, completion_only_loss=True, packing=False)
     else:
         from trl import DPOConfig, DPOTrainer

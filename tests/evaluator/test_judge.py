@@ -48,6 +48,32 @@ def test_judge_never_saw_the_held_out_scenarios(judge: TraitJudge) -> None:
         assert sum(high) / len(high) > sum(low) / len(low) + 0.3
 
 
+def test_real_replies_cross_effect_is_each_other_judges_high_low_difference(judge: TraitJudge) -> None:
+    """The card's reference for a mixture's cross effect, recomputed from the held-out replies."""
+    rows, _ = load_filtered(BUNDLED_REAL)
+    _, held = heldout_split(rows)
+    for trait in TRAITS:
+        cross = judge.card.traits[trait.value].heldout_cross
+        assert set(cross) == {t.value for t in TRAITS if t is not trait}
+        high = judge.score([r.speaker_y for r in held if r.trait is trait and r.level is Level.HIGH])
+        low = judge.score([r.speaker_y for r in held if r.trait is trait and r.level is Level.LOW])
+        for other, value in cross.items():
+            expected = sum(high[other]) / len(high[other]) - sum(low[other]) / len(low[other])
+            assert value == pytest.approx(expected, abs=1e-9), (trait, other)
+    assert "cross effect" in judge.card.format()
+
+
+def test_a_card_written_before_the_cross_effect_still_loads(judge: TraitJudge) -> None:
+    from evaluator.judge import JudgeCard
+
+    data = judge.card.to_json()
+    for metrics in data["traits"].values():
+        del metrics["heldout_cross"]
+    old = JudgeCard.from_json(data)
+    assert all(m.heldout_cross == {} for m in old.traits.values())
+    assert "cross effect" not in old.format()
+
+
 def test_score_shapes(judge: TraitJudge) -> None:
     out = judge.score(["Let's throw a huge party and invite everyone!", "I'd rather stay home alone."])
     assert set(out) == {t.value for t in TRAITS}
