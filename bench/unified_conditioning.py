@@ -120,7 +120,7 @@ def main() -> None:
 
             def progress(info: dict[str, Any], label: str = text) -> None:
                 if "loss" in info and info.get("step", 0) % 10 == 0:
-                    extra = {k: round(v, 3) for k, v in info.items() if k.startswith("rewards/")}
+                    extra = {k: round(v, 3) for k, v in info.items() if k.startswith(("rewards/", "level/"))}
                     print(f"  {label} step {info['step']} loss {info['loss']:.3f} {extra}", flush=True)
 
             train_adapter(

@@ -29,30 +29,27 @@ from big5core.traits import TRAITS, Level, Trait
 logger = logging.getLogger(__name__)
 
 # FULL_TRAINING is what docs/RESULTS.md measured (bench/fidelity.py, 2026-12-01): one core per job,
-# SFT ~6.5 s/step, DPO ~25 s/step at batch 4 x <= 160 tokens. QUICK_TRAINING halves the steps and
-# the DPO traits to fit the default run in about 30 minutes on 2 idle cores (an estimate from those
-# step times, not yet timed on a clean clone). The per-trait adapters are the persona and the parts
-# every composed trait vector is built from; the unified adapter is the paper's main method; DPO
-# starts from the SFT adapter of the same condition (`init_from`), the contrastive step that makes
-# an adapter use its level. The unified adapters train on twin batches (a Speaker X turn at a level
-# and at its opposite, `TrainSpec.mirror_batches`): with random batches even DPO left the unified
-# adapter level-blind; with twins 30 DPO steps make it condition (docs/RESULTS.md).
+# SFT ~6.5 s/step, DPO ~25 s/step at batch 4 x <= 160 tokens. QUICK_TRAINING halves the steps. The
+# per-trait adapters are the persona and the parts every composed trait vector is built from; the
+# unified adapter is the paper's main method; DPO starts from the SFT adapter of the same condition
+# (`init_from`), the contrastive step that makes an adapter use its level. The unified adapters train
+# on twin batches (a Speaker X turn at a level and at its opposite, `TrainSpec.mirror_batches`): with
+# random batches even DPO left the unified adapter level-blind; with twins 30 DPO steps make it
+# condition. SFT unified trains with the level-contrast term (`TrainSpec.level_contrast`): plain SFT
+# stayed level-blind even after 300 steps (1.2 epochs); with the term it conditions. A step costs
+# twice a plain one (each reply is scored under the opposite level too), hence 80 steps. Timed on 2
+# idle cores (2026-12-04, docs/RESULTS.md): 43 min with per-trait DPO on E and A as well (324 s of
+# training); DPO unified, started from the contrast-trained SFT, now moves all five traits by
+# +0.36..+0.65, so the default plan leaves per-trait DPO to `--full`.
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
     "sft-unified": {
         "method": "sft",
         "layout": "unified",
-        "max_steps": 100,
+        "max_steps": 80,
         "learning_rate": 1e-3,
-    },
-    "dpo-per-trait": {
-        "method": "dpo",
-        "layout": "per-trait",
-        "init_from": "sft",
-        "max_steps": 6,
-        "learning_rate": 5e-4,
-        "conditions": _E_A,
+        "level_contrast": 1.0,
     },
     "dpo-unified": {
         "method": "dpo",
@@ -69,6 +66,7 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "layout": "unified",
         "max_steps": 200,
         "learning_rate": 1e-3,
+        "level_contrast": 1.0,
     },
     "dpo-per-trait": {
         "method": "dpo",

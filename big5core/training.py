@@ -140,7 +140,8 @@ class TrainSpec(ConditionsSpec):
         None,
         description="train on blocks of twins (one Speaker X turn at a condition and its opposite level) in one "
         "batch, in a seeded random block order; default: yes for the unified layout, whose only signal is the level "
-        "word (what makes its DPO condition; SFT stays level-blind either way), no for per-trait",
+        "word (what makes its DPO condition; plain SFT stays level-blind either way: see level_contrast), "
+        "no for per-trait",
     )
     gradient_checkpointing: bool | None = Field(
         None, description="recompute activations in the backward pass; default: on a GPU yes, on a CPU no"

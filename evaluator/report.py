@@ -170,22 +170,29 @@ class PaperTable:
         }
 
     def format(self) -> str:
-        """A plain-text table: one row per group, 'high / low' per trait, n per row."""
+        """A plain-text table: one row per group, 'high / low' per trait, n per row; the columns widen
+        to the longest cell (an unscored side reads "n/a (coverage x%)")."""
         width = max([len(k.label()) for k in [*self.rows, *self.direct]] + [6]) + 2
-        header = f"{'group':<{width}}{'n':>4}" + "".join(f"{t.value[:13]:>26}" for t in TRAITS)
+        body: list[tuple[GroupKey, list[str]]] = [
+            (key, [sides[t.value].text() if t.value in sides else "-" for t in TRAITS])
+            for key, sides in sorted(self.direct.items(), key=lambda kv: _order(kv[0]))
+        ] + [
+            (key, [_sides(row, t) for t in TRAITS])
+            for key, row in sorted(self.rows.items(), key=lambda kv: _order(kv[0]))
+        ]
+        column = max([len(c) + 2 for _, cells in body for c in cells] + [26])
+        header = f"{'group':<{width}}{'n':>4}" + "".join(f"{t.value[:13]:>{column}}" for t in TRAITS)
         lines = [f"{self.inventory}: score of the induced trait, induced high / low (1-5)", header]
-        for key, sides in sorted(self.direct.items(), key=lambda kv: _order(kv[0])):
-            cells = "".join(f"{sides[t.value].text() if t.value in sides else '-':>26}" for t in TRAITS)
-            lines.append(f"{key.label():<{width}}{self.n.get(key, 0):>4}" + cells)
-        for key, row in sorted(self.rows.items(), key=lambda kv: _order(kv[0])):
-            cells = "".join(
-                f"{row[t.value].high.text() + ' / ' + row[t.value].low.text() if t.value in row else '-':>26}"
-                for t in TRAITS
-            )
-            lines.append(f"{key.label():<{width}}{self.n.get(key, 0):>4}" + cells)
+        for key, cells in body:
+            lines.append(f"{key.label():<{width}}{self.n.get(key, 0):>4}" + "".join(f"{c:>{column}}" for c in cells))
         bases = sorted(str(b) for b in self.base_models())
         lines.append(f"base model{'s' if len(bases) > 1 else ''}: {', '.join(bases) or '-'}")
         return "\n".join(lines)
+
+
+def _sides(row: dict[str, Any], trait: Trait) -> str:
+    cell = row.get(trait.value)
+    return "-" if cell is None else f"{cell.high.text()} / {cell.low.text()}"
 
 
 def _order(key: GroupKey) -> tuple[int, GroupKey]:

@@ -185,9 +185,10 @@ def mirror_blocks(items: Sequence[T], key: Callable[[T], str], seed: int) -> lis
     towards either level's style cancels inside the batch and what is left is the part that depends
     on the level word; with random batches, one that holds only "high" pairs pushes every reply
     towards the high style and the next one back, and this noise swamps the conditional signal. For
-    SFT the twins share the batch too, but the pooled style is still rewarded: measured, SFT stays
-    level-blind either way (``bench/unified_conditioning.py``, docs/RESULTS.md). A key seen once is a
-    block of one.
+    SFT the twins share the batch too, but the pooled style is still rewarded: measured, plain SFT
+    stays level-blind either way, and the level-contrast term (``TrainSpec.level_contrast``) is what
+    makes it condition (``bench/unified_conditioning.py``, docs/RESULTS.md). A key seen once is a block
+    of one.
     """
     import random
 

@@ -91,6 +91,18 @@ def test_a_trait_below_coverage_shows_na_with_its_coverage() -> None:
     assert "n/a (coverage 3%) / 2.50" in table.format()
 
 
+def test_columns_widen_to_an_unscored_pair_and_stay_aligned() -> None:
+    found = [
+        assessment("sft", {"extraversion": 1}, {"extraversion": None}, coverage=0.4),
+        assessment("sft", {"extraversion": -1}, {"extraversion": None}, coverage=0.12),
+        assessment("direct", {}, {"extraversion": 2.5}),
+    ]
+    lines = report.paper_table(found, "bfi44").format().splitlines()
+    header, rows = lines[1], lines[2:-1]
+    assert any("n/a (coverage 40%) / n/a (coverage 12%)" in line for line in rows)
+    assert all(len(line) == len(header) for line in rows), lines
+
+
 def test_mixed_base_models_are_refused_unless_asked() -> None:
     found = [
         assessment("direct", {}, {"openness": 3.0}),

@@ -14,6 +14,7 @@ from big5core.registry import check_adapter_folder
 from big5core.training import TrainSpec
 from big5core.traits import TRAITS, Level, Method
 from tests.model_support import make_tiny_llama
+from tests.trainer.test_training import FAST
 from trainer.level_contrast import contrast_loss, level_swap
 from trainer.train import load_dataset_rows, prepare, train_adapter
 
@@ -122,17 +123,7 @@ def test_level_contrast_is_for_unified_sft_only() -> None:
 
 @pytest.mark.slow  # trains
 def test_unified_sft_with_level_contrast_trains_and_reports_it(tiny_model: Path, tmp_path: Path) -> None:
-    spec = TrainSpec(
-        layout="unified",
-        level_contrast=1.0,
-        max_steps=3,
-        per_device_train_batch_size=2,
-        max_length=96,
-        warmup_steps=0,
-        learning_rate=5e-3,
-        save_steps=2,
-        eval=False,
-    )
+    spec = TrainSpec(layout="unified", level_contrast=1.0, eval=True, **FAST)
     rows, report = load_dataset_rows(spec)
     data = prepare(spec, rows, report, None)
     seen: list[dict[str, Any]] = []
@@ -140,6 +131,7 @@ def test_unified_sft_with_level_contrast_trains_and_reports_it(tiny_model: Path,
         spec, data, str(tiny_model), tmp_path / "out", tmp_path / "ckpt", show_progress_bar=False, progress=seen.append
     )
     assert result.steps == 3 and result.train_loss is not None and result.train_loss > 0
+    assert result.eval_loss is not None and result.eval_loss > 0  # evaluation goes through the same loss
     logged = [info for info in seen if "loss" in info]
     assert logged and all("level/accuracy" in info and "level/margin" in info for info in logged)
     check_adapter_folder(tmp_path / "out")
