@@ -72,16 +72,17 @@ def level_swap(tokenizer: Any, placement: InstructionPlacement) -> LevelSwap:
     anchors: set[int] = set()
     swap: dict[int, int] = {}
     for trait in TRAITS:
-        ids = {
-            level: tokenizer.apply_chat_template(
-                training_messages(unified_instruction(trait, level), "Hello.", None, placement),
-                tokenize=True,
-                add_generation_prompt=True,
-                return_dict=False,
+        high, low = (
+            list(
+                tokenizer.apply_chat_template(
+                    training_messages(unified_instruction(trait, level), "Hello.", None, placement),
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    return_dict=False,
+                )
             )
             for level in (Level.HIGH, Level.LOW)
-        }
-        high, low = _ids(ids[Level.HIGH]), _ids(ids[Level.LOW])
+        )
         diff = [i for i, (a, b) in enumerate(zip(high, low, strict=False)) if a != b]
         if len(high) != len(low) or len(diff) != 1 or diff[0] == 0:
             raise ValueError(
@@ -95,12 +96,6 @@ def level_swap(tokenizer: Any, placement: InstructionPlacement) -> LevelSwap:
     if len(anchors) != 1 or len(swap) != 2:
         raise ValueError(f"level contrast: the level word's context differs between traits ({sorted(anchors)})")
     return LevelSwap(anchor=anchors.pop(), swap=swap)
-
-
-def _ids(encoded: Any) -> list[int]:
-    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    return [int(t) for t in encoded]
 
 
 def contrast_loss(model: Any, inputs: dict[str, Any], swap: LevelSwap, weight: float) -> tuple[Any, dict[str, float]]:
@@ -133,15 +128,14 @@ def contrast_loss(model: Any, inputs: dict[str, Any], swap: LevelSwap, weight: f
     return nll + weight * contrast, metrics
 
 
-def level_contrast_trainer(base: type, weight: float, placement: InstructionPlacement) -> type:
-    """``base`` (an SFTTrainer class) whose loss adds the level-contrast term of ``weight``; the
-    metrics of :func:`contrast_loss` are logged beside the loss (``eval_``-prefixed in evaluation)."""
+def level_contrast_trainer(base: type, weight: float, swap: LevelSwap) -> type:
+    """``base`` (an SFTTrainer class) whose loss adds the level-contrast term of ``weight``, the level
+    word turned by ``swap`` (:func:`level_swap` of the trainer's tokenizer); the metrics of
+    :func:`contrast_loss` are logged beside the loss (``eval_``-prefixed in evaluation)."""
 
     class LevelContrastSFTTrainer(base):  # type: ignore[misc, valid-type]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
-            if not hasattr(self, "_level_swap"):
-                self._level_swap = level_swap(self.processing_class, placement)
-            loss, metrics = contrast_loss(model, inputs, self._level_swap, weight)
+            loss, metrics = contrast_loss(model, inputs, swap, weight)
             mode = "train" if model.training else "eval"
             for key, value in metrics.items():
                 self._metrics[mode][key].append(value)

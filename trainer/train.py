@@ -336,9 +336,11 @@ def train_adapter(
 
         trainer_cls = sft_trainer_class(use_cpu)
         if spec.level_contrast > 0:
-            from trainer.level_contrast import level_contrast_trainer
+            from trainer.level_contrast import level_contrast_trainer, level_swap
 
-            trainer_cls = level_contrast_trainer(trainer_cls, spec.level_contrast, spec.instruction_placement)
+            # found before any training: a tokenizer whose level words are not one token each fails here
+            swap = level_swap(tokenizer, spec.instruction_placement)
+            trainer_cls = level_contrast_trainer(trainer_cls, spec.level_contrast, swap)
         args = SFTConfig(**common, completion_only_loss=True, packing=False)
     else:
         from trl import DPOConfig, DPOTrainer
