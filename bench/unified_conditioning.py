@@ -21,7 +21,9 @@ w), ``lc<w>`` (SFT plus the level-contrast term of weight w, trainer/level_contr
 ``r<rank>``, ``steps<n>``, ``lr<x>``, ``save<n>`` (keep a checkpoint every n steps under
 ``--work``/ckpt, measurable afterwards with ``--adapter``).
 
-Prints a table and writes JSON to ``--out``. Uses HF transformers + PEFT (no vLLM), CPU float32.
+Prints a table and writes JSON to ``--out``. Uses HF transformers + PEFT (no vLLM), float32, on the GPU
+when there is one (training then runs in bfloat16, as ``big5 train`` does there); the greedy replies
+are generated in batches of ``--replies-per-trait`` (left-padded).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
 
     def encode(messages: list[Any], reply: str | None) -> tuple[list[int], int]:
@@ -155,9 +158,21 @@ def main() -> None:
         reply_ids = tokenizer(reply.strip() + "<|im_end|>", add_special_tokens=False)["input_ids"]
         return ids + reply_ids, len(ids)
 
+    def greedy(model: Any, prompts: list[list[int]]) -> list[str]:
+        """Greedy replies to ``prompts`` in one left-padded batch."""
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=args.reply_tokens, do_sample=False, pad_token_id=pad
+            )
+        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
     for label, folder, placement in variants:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(folder)).eval()
+        model = PeftModel.from_pretrained(base, str(folder)).to(device).eval()
         margins: dict[str, float] = {}
         gaps: dict[str, float] = {}
         samples: dict[str, list[str]] = {}
@@ -177,27 +192,23 @@ def main() -> None:
                         messages = training_messages(unified_instruction(trait, cond), row.speaker_x, None, placement)
                         ids, start = encode(messages, row.speaker_y)
                         with torch.no_grad():
-                            logits = model(torch.tensor([ids])).logits[0, :-1]
+                            logits = model(torch.tensor([ids], device=device)).logits[0, :-1]
                         logp = torch.log_softmax(logits.float(), -1)
-                        target = torch.tensor(ids[1:])
-                        token_lp = logp[torch.arange(len(target)), target][start - 1 :]
+                        target = torch.tensor(ids[1:], device=device)
+                        token_lp = logp[torch.arange(len(target), device=device), target][start - 1 :]
                         lps.append(float(token_lp.mean()))
                     diffs.append(lps[0] - lps[1])
             margins[trait.value] = sum(diffs) / len(diffs) if diffs else float("nan")
             replies: dict[Level, list[str]] = {}
             for level in (Level.HIGH, Level.LOW):
-                texts = []
-                for pair in pairs[: args.replies_per_trait]:
-                    messages = training_messages(
-                        unified_instruction(trait, level), pair[level].speaker_x, None, placement
-                    )
-                    ids, _ = encode(messages, None)
-                    with torch.no_grad():
-                        out = model.generate(
-                            torch.tensor([ids]), max_new_tokens=args.reply_tokens, do_sample=False, pad_token_id=0
-                        )
-                    texts.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
-                replies[level] = texts
+                prompts = [
+                    encode(
+                        training_messages(unified_instruction(trait, level), pair[level].speaker_x, None, placement),
+                        None,
+                    )[0]
+                    for pair in pairs[: args.replies_per_trait]
+                ]
+                replies[level] = greedy(model, prompts)
             scores_high = judge.score(replies[Level.HIGH])[trait.value]
             scores_low = judge.score(replies[Level.LOW])[trait.value]
             gaps[trait.value] = sum(scores_high) / len(scores_high) - sum(scores_low) / len(scores_low)

@@ -245,6 +245,17 @@ def train_all(stack: Any, plan: dict[str, dict[str, Any]], stages: Stages | None
         typer.echo(f"[train] {label}: done in {seconds:.0f} s")
 
 
+def _conditioning(progress: dict[str, Any]) -> str | None:
+    """The training batch's own sign that the adapter uses its condition, from a job's progress:
+    DPO's share of chosen replies over rejected ones, or the level-contrast SFT's share of replies
+    more likely under their own level (trainer.train.CONDITIONING_METRICS)."""
+    if "rewards/accuracies" in progress:
+        return f"chosen>rejected {float(progress['rewards/accuracies']):.2f}"
+    if "level/accuracy" in progress:
+        return f"own level {float(progress['level/accuracy']):.2f}"
+    return None
+
+
 @contextlib.contextmanager
 def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     """Progress fed from the job's recorded progress (adapter, step, loss) while the worker trains.
@@ -267,33 +278,40 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     def finished_line() -> None:
         if not live and seen.get("adapter"):
             loss = f", loss {seen['loss']:.3f}" if seen.get("loss") is not None else ""
+            accuracy = f", {seen['accuracy']}" if seen.get("accuracy") else ""
             typer.echo(
-                f"[train] {label} {seen['name']}: step {seen['step']}/{seen['total']}{loss}, "
+                f"[train] {label} {seen['name']}: step {seen['step']}/{seen['total']}{loss}{accuracy}, "
                 f"{time.monotonic() - seen['since']:.0f} s"
             )
 
+    def poll() -> None:
+        try:
+            with stack.sessions() as session:
+                progress = dict(get_job(session, job_id).progress or {})
+        except Exception:  # the database may be busy for a moment
+            return
+        adapter = progress.get("adapter")
+        if adapter and adapter != seen.get("adapter"):
+            finished_line()
+            index, total = progress.get("adapter_index", 0), progress.get("adapters", 1)
+            name = f"{adapter} ({index + 1}/{total})"
+            seen.update(adapter=adapter, name=name, since=time.monotonic(), step=0, total=0, loss=None, accuracy=None)
+            bar.reset(total=1)
+            bar.set_description(f"{label} {name}", refresh=False)
+        if "total_steps" in progress:
+            seen.update(step=int(progress.get("step", 0)), total=int(progress["total_steps"]))
+            if "loss" in progress:
+                seen["loss"] = float(progress["loss"])
+                seen["accuracy"] = _conditioning(progress)
+                bar.set_postfix_str(
+                    f"loss {seen['loss']:.3f}" + (f", {seen['accuracy']}" if seen["accuracy"] else ""), refresh=False
+                )
+            bar.total = seen["total"]
+            bar.update(seen["step"] - bar.n)
+
     def watch() -> None:
         while not stop.wait(1.0):
-            try:
-                with stack.sessions() as session:
-                    progress = dict(get_job(session, job_id).progress or {})
-            except Exception:  # the database may be busy for a moment
-                continue
-            adapter = progress.get("adapter")
-            if adapter and adapter != seen.get("adapter"):
-                finished_line()
-                index, total = progress.get("adapter_index", 0), progress.get("adapters", 1)
-                name = f"{adapter} ({index + 1}/{total})"
-                seen.update(adapter=adapter, name=name, since=time.monotonic(), step=0, total=0, loss=None)
-                bar.reset(total=1)
-                bar.set_description(f"{label} {name}", refresh=False)
-            if "total_steps" in progress:
-                seen.update(step=int(progress.get("step", 0)), total=int(progress["total_steps"]))
-                if "loss" in progress:
-                    seen["loss"] = float(progress["loss"])
-                    bar.set_postfix(loss=f"{seen['loss']:.3f}", refresh=False)
-                bar.total = seen["total"]
-                bar.update(seen["step"] - bar.n)
+            poll()
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -302,6 +320,7 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+        poll()  # the job's last recorded step, which the 1 s poll may not have seen
         finished_line()
         bar.close()
 

@@ -125,6 +125,15 @@ def _peft_config(spec: TrainSpec) -> Any:
     )
 
 
+CONDITIONING_METRICS = (
+    "rewards/margins",  # DPO's own view of whether the adapter uses its condition (chosen over rejected)
+    "rewards/accuracies",
+    "level/accuracy",  # the level-contrast SFT's: each reply more likely under its own level than the opposite
+    "level/margin",
+)
+"""Training metrics passed on to the progress callback beside the loss."""
+
+
 def _progress_callback(progress: ProgressFn | None) -> Any:
     from transformers import TrainerCallback
 
@@ -154,15 +163,7 @@ def _progress_callback(progress: ProgressFn | None) -> Any:
             }
             if "loss" in logs:
                 info["loss"] = float(logs["loss"])
-            # DPO's own view of whether the adapter uses its condition (chosen over rejected), and the
-            # level-contrast SFT's (each reply more likely under its own level than the opposite one)
-            info.update(
-                {
-                    k: float(v)
-                    for k, v in logs.items()
-                    if k in ("rewards/margins", "rewards/accuracies", "level/accuracy", "level/margin")
-                }
-            )
+            info.update({k: float(v) for k, v in logs.items() if k in CONDITIONING_METRICS})
             progress(info)
 
     return _Progress()
