@@ -110,8 +110,14 @@ def contrast_loss(model: Any, inputs: dict[str, Any], swap: LevelSwap, weight: f
     for key in ("attention_mask", "position_ids"):
         if inputs.get(key) is not None:
             batch[key] = torch.cat([inputs[key], inputs[key]])
-    logits = model(**batch).logits[:, :-1]
-    target = torch.cat([labels, labels])[:, 1:]
+    # Only the positions that predict a reply token need the output layer: its logits (vocabulary-wide,
+    # twice the batch, in float32 below) are what a long-vocabulary model spends this pass's memory on.
+    # The replies end every row, so the last `keep` positions hold them all (`logits_to_keep`).
+    is_reply = labels != -100
+    first = max(int(is_reply.float().argmax(dim=1)[is_reply.any(dim=1)].min()), 1) if bool(is_reply.any()) else 1
+    keep = labels.shape[1] - (first - 1)
+    logits = model(**batch, logits_to_keep=keep).logits[:, :-1]
+    target = torch.cat([labels, labels])[:, first:]
     token_logp = -F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="none"
     ).view(target.shape)
