@@ -36,11 +36,11 @@ logger = logging.getLogger(__name__)
 # on twin batches (a Speaker X turn at a level and at its opposite, `TrainSpec.mirror_batches`): with
 # random batches even DPO left the unified adapter level-blind; with twins 30 DPO steps make it
 # condition. SFT unified trains with the level-contrast term (`TrainSpec.level_contrast`): plain SFT
-# stayed level-blind even after 300 steps (1.2 epochs); with the term it conditions. A step costs
-# twice a plain one (each reply is scored under the opposite level too), hence 80 steps. Timed on 2
-# idle cores (2026-12-04, docs/RESULTS.md): 43 min with per-trait DPO on E and A as well (324 s of
-# training); DPO unified, started from the contrast-trained SFT, now moves all five traits by
-# +0.36..+0.65, so the default plan leaves per-trait DPO to `--full`.
+# stayed level-blind even after 300 steps (1.2 epochs); with the term it conditions (200 steps or
+# weight 3 did no better, measured on a GPU). A step costs more than a plain one (each reply is
+# scored under the opposite level too), hence 80 steps. DPO unified, started from the
+# contrast-trained SFT, moves all five traits by +0.36..+0.65, so the default plan leaves per-trait
+# DPO to `--full`. Timed on 2 idle cores (2026-12-04, docs/RESULTS.md): 33 min in all.
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
