@@ -84,6 +84,7 @@ def main() -> None:
 
     import torch
 
+    on_gpu = torch.cuda.is_available()
     settings = get_settings()
     scratch = tempfile.TemporaryDirectory()
     if args.random_shape:
@@ -124,7 +125,7 @@ def main() -> None:
                 mark[0] = now
 
         gc.collect()  # the previous method's model, so that each peak below is its own method's
-        if torch.cuda.is_available():
+        if on_gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,12 +137,11 @@ def main() -> None:
         steady = step_times[1:] or step_times  # the first step carries warm-up
         per_step = sum(steady) / len(steady)
         tokens = result.train_tokens
-        gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
         rows_out.append(
             (method, result.steps, per_step, tokens / result.seconds if result.seconds else 0.0, wall, gpu_peak)
         )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     dtype = "bf16" if on_gpu else "fp32"
     label = f"random {args.random_shape}" if args.random_shape else base

@@ -275,14 +275,15 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
     bar = tqdm(total=1, desc=label, unit="step", leave=False, disable=not live)
     seen: dict[str, Any] = {}
 
+    def metrics() -> list[str]:
+        """The latest loss and conditioning accuracy, as far as recorded: ``["loss 2.283", "own level 1.00"]``."""
+        loss = [f"loss {seen['loss']:.3f}"] if seen.get("loss") is not None else []
+        return loss + ([seen["accuracy"]] if seen.get("accuracy") else [])
+
     def finished_line() -> None:
         if not live and seen.get("adapter"):
-            loss = f", loss {seen['loss']:.3f}" if seen.get("loss") is not None else ""
-            accuracy = f", {seen['accuracy']}" if seen.get("accuracy") else ""
-            typer.echo(
-                f"[train] {label} {seen['name']}: step {seen['step']}/{seen['total']}{loss}{accuracy}, "
-                f"{time.monotonic() - seen['since']:.0f} s"
-            )
+            parts = [f"step {seen['step']}/{seen['total']}", *metrics(), f"{time.monotonic() - seen['since']:.0f} s"]
+            typer.echo(f"[train] {label} {seen['name']}: {', '.join(parts)}")
 
     def poll() -> None:
         try:
@@ -303,9 +304,7 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
             if "loss" in progress:
                 seen["loss"] = float(progress["loss"])
                 seen["accuracy"] = _conditioning(progress)
-                bar.set_postfix_str(
-                    f"loss {seen['loss']:.3f}" + (f", {seen['accuracy']}" if seen["accuracy"] else ""), refresh=False
-                )
+                bar.set_postfix_str(", ".join(metrics()), refresh=False)
             bar.total = seen["total"]
             bar.update(seen["step"] - bar.n)
 

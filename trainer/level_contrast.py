@@ -113,8 +113,7 @@ def contrast_loss(model: Any, inputs: dict[str, Any], swap: LevelSwap, weight: f
     # Only the positions that predict a reply token need the output layer: its logits (vocabulary-wide,
     # twice the batch, in float32 below) are what a long-vocabulary model spends this pass's memory on.
     # The replies end every row, so the last `keep` positions hold them all (`logits_to_keep`).
-    is_reply = labels != -100
-    first = max(int(is_reply.float().argmax(dim=1)[is_reply.any(dim=1)].min()), 1) if bool(is_reply.any()) else 1
+    first = max(int((labels != -100).any(dim=0).float().argmax()), 1)  # the batch's earliest reply token
     keep = labels.shape[1] - (first - 1)
     logits = model(**batch, logits_to_keep=keep).logits[:, :-1]
     target = torch.cat([labels, labels])[:, first:]
