@@ -209,6 +209,9 @@ class ItemResponse(Base):
     value: Mapped[float | None] = mapped_column(Float, doc="the answer used for scoring (before reverse keying)")
     parse_error: Mapped[str | None] = mapped_column(Text)
     judge_scores: Mapped[dict[str, Any] | None] = mapped_column(doc="dialogue: P(high | reply) per trait")
+    quality: Mapped[dict[str, Any] | None] = mapped_column(
+        doc="dialogue: reply quality (repeated n-gram share, opening, relevance to the turn, base-model perplexity)"
+    )
 
     assessment: Mapped[Assessment] = relationship(back_populates="responses")
 
