@@ -7,21 +7,29 @@ judge nor, at the default split, by any adapter). scikit-learn is enough here: t
 two levels differ in wording a linear model on n-grams separates (0.9+ held-out accuracy), it
 trains in seconds on a CPU, and it is an artefact anyone can rebuild bit for bit.
 
-The judge is a versioned artefact in ``<data_dir>/judges/<name>/``: ``model.joblib`` and
+The judge is a versioned artefact in ``<data_dir>/judges/<name>/``: ``model.npz`` and
 ``card.json`` (data source and hash, rows per side, held-out accuracy and the real replies' own
 high-low gap per trait, library versions, the model file's sha256). It is built by ``big5 judge
 train`` or on first use (under a file lock, so two processes never build it twice), never at
 import time, and a card whose sha256 does not match its file is refused.
+
+``model.npz`` holds the fitted parameters only, as plain arrays (per trait and feature block the
+TF-IDF vocabulary and idf, then the logistic regression's coefficients, intercept and classes),
+read with ``allow_pickle=False`` and rebuilt into the same scikit-learn pipeline: loading a judge
+never runs code from its folder, which a pickle (``joblib.load``) would. A judge saved as a pickle
+by an older version is refused (the default one is rebuilt from its data instead).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -38,8 +46,12 @@ logger = logging.getLogger(__name__)
 
 JUDGE_NAME = "big5chat-judge"
 JUDGE_KIND = "tfidf-logreg-v1"
-_MODEL_FILE = "model.joblib"
+JUDGE_STORAGE = "sklearn-arrays-v1"
+"""How ``model.npz`` stores the pipeline (:func:`_arrays`, :func:`_rebuild`); a card without it is a pickle"""
+_MODEL_FILE = "model.npz"
 _CARD_FILE = "card.json"
+_LEGACY_MODEL_FILE = "model.joblib"
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same parameters give the same bytes (and sha256)
 
 
 class JudgeNotFound(NotFound):
@@ -48,6 +60,10 @@ class JudgeNotFound(NotFound):
 
 class JudgeCorrupt(Conflict):
     code, title = "judge-corrupt", "The trait judge's files do not match its card"
+
+
+class JudgeOutdated(Conflict):
+    code, title = "judge-outdated", "The trait judge is stored in a format this version does not load"
 
 
 @dataclass
@@ -76,6 +92,8 @@ class JudgeCard:
     traits: dict[str, TraitMetrics]
     sha256: str = ""
     heldout_scenarios: list[str] = field(default_factory=list)
+    storage: str = ""
+    """how the model file stores the pipeline (JUDGE_STORAGE); empty on a card of a pickled judge"""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,14 +218,15 @@ class TraitJudge:
 
     def save(self, folder: Path) -> Path:
         """Write model and card atomically: a new folder renamed into place (an old one is replaced)."""
-        import joblib
-
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
             model_path = staging / _MODEL_FILE
-            joblib.dump({t.value: m for t, m in self.models.items()}, model_path)
-            self.card.sha256 = _sha256(model_path)
+            arrays = {f"{t.value}.{key}": value for t, m in self.models.items() for key, value in _arrays(m).items()}
+            data = _npz_bytes(arrays)
+            model_path.write_bytes(data)
+            self.card.sha256 = hashlib.sha256(data).hexdigest()
+            self.card.storage = JUDGE_STORAGE
             (staging / _CARD_FILE).write_text(json.dumps(self.card.to_json(), indent=2))
             for path in (model_path, staging / _CARD_FILE):
                 with path.open("rb") as handle:
@@ -226,27 +245,126 @@ class TraitJudge:
 
     @classmethod
     def load(cls, folder: Path) -> TraitJudge:
-        import joblib
-
+        """The judge saved in ``folder``; its model file must hash to the card's sha256 (the bytes parsed are
+        the bytes hashed) and be stored as arrays: a pickled judge of an older version is refused."""
+        name = folder.name
         card_path, model_path = folder / _CARD_FILE, folder / _MODEL_FILE
-        if not card_path.is_file() or not model_path.is_file():
-            raise JudgeNotFound(f"no trait judge in {folder} (build it with `big5 judge train`)")
-        card = JudgeCard.from_json(json.loads(card_path.read_text()))
-        actual = _sha256(model_path)
+        if not card_path.is_file():
+            raise JudgeNotFound(f"no trait judge {name!r} (build it with `big5 judge train --name {name}`)")
+        card = _read_card(card_path, name)
+        if card.storage != JUDGE_STORAGE:
+            stored = f"as {card.storage!r}" if card.storage else f"as a pickle ({_LEGACY_MODEL_FILE})"
+            raise JudgeOutdated(
+                f"trait judge {name!r} is stored {stored}, which this version does not load (a pickle can run "
+                f"arbitrary code when loaded): rebuild it with `big5 judge train --name {name}`"
+            )
+        if not model_path.is_file():
+            raise JudgeCorrupt(f"trait judge {name!r}: its card names no model file; rebuild it (`big5 judge train`)")
+        data = model_path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != card.sha256:
             raise JudgeCorrupt(
-                f"judge {folder}: model sha256 {actual[:12]} does not match its card ({card.sha256[:12]})"
+                f"trait judge {name!r}: model sha256 {actual[:12]} does not match its card ({card.sha256[:12]}); "
+                f"rebuild it with `big5 judge train --name {name}`"
             )
-        models = {Trait(k): v for k, v in joblib.load(model_path).items()}
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+            models = _models_from_arrays(arrays)
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            raise JudgeCorrupt(f"trait judge {name!r}: its model file does not hold a {JUDGE_STORAGE} judge") from exc
         return cls(models, card)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _read_card(path: Path, name: str) -> JudgeCard:
+    try:
+        return JudgeCard.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise JudgeCorrupt(f"trait judge {name!r}: its card does not parse ({exc})") from exc
+
+
+def _stored_storage(folder: Path) -> str | None:
+    """The ``storage`` a judge folder's card names ("" for a pickled judge), None without a card."""
+    card_path = folder / _CARD_FILE
+    if not card_path.is_file():
+        return None
+    return _read_card(card_path, folder.name).storage
+
+
+# The pipeline as arrays: per feature block of the FeatureUnion the TF-IDF vocabulary (terms in
+# column order) and idf, then the logistic regression. Everything else is _pipeline()'s constants.
+def _arrays(pipeline: Any) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for block, vectorizer in pipeline.named_steps["features"].transformer_list:
+        terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)
+        vocabulary = np.array(terms, dtype=str)
+        if vocabulary.tolist() != terms:  # numpy drops trailing NULs of fixed-width strings
+            raise ValueError(f"judge: a {block} term does not survive a string array")
+        out[f"{block}.vocabulary"] = vocabulary
+        out[f"{block}.idf"] = np.asarray(vectorizer.idf_, dtype=np.float64)
+    logreg = pipeline.named_steps["logreg"]
+    out["logreg.coef"] = np.asarray(logreg.coef_, dtype=np.float64)
+    out["logreg.intercept"] = np.asarray(logreg.intercept_, dtype=np.float64)
+    out["logreg.classes"] = np.asarray(logreg.classes_, dtype=np.int64)
+    return out
+
+
+def _rebuild(arrays: dict[str, np.ndarray]) -> Any:
+    """A fitted :func:`_pipeline` from one trait's arrays (the keys :func:`_arrays` writes)."""
+    pipeline = _pipeline()
+    width = 0
+    for block, vectorizer in pipeline.named_steps["features"].transformer_list:
+        vocabulary, idf = arrays[f"{block}.vocabulary"], arrays[f"{block}.idf"]
+        if vocabulary.dtype.kind != "U" or vocabulary.ndim != 1 or idf.dtype != np.float64:
+            raise ValueError(f"judge: bad {block} arrays")
+        if idf.shape != vocabulary.shape:
+            raise ValueError(f"judge: {block} has {len(vocabulary)} terms and {len(idf)} idf values")
+        vectorizer.set_params(vocabulary={term: i for i, term in enumerate(vocabulary.tolist())})
+        vectorizer.idf_ = idf
+        width += len(vocabulary)
+    logreg = pipeline.named_steps["logreg"]
+    coef, intercept, classes = arrays["logreg.coef"], arrays["logreg.intercept"], arrays["logreg.classes"]
+    if coef.dtype != np.float64 or coef.shape != (1, width) or intercept.shape != (1,) or classes.tolist() != [0, 1]:
+        raise ValueError("judge: bad logistic-regression arrays")
+    logreg.coef_, logreg.intercept_, logreg.classes_, logreg.n_features_in_ = coef, intercept, classes, width
+    return pipeline
+
+
+def _models_from_arrays(arrays: dict[str, np.ndarray]) -> dict[Trait, Any]:
+    by_trait: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        trait, _, rest = key.partition(".")
+        by_trait.setdefault(trait, {})[rest] = value
+    unknown = set(by_trait) - {t.value for t in TRAITS}
+    if unknown or not by_trait:
+        raise ValueError(f"judge: no trait or unknown traits {sorted(unknown)}")
+    expected = set(_arrays_keys())
+    models: dict[Trait, Any] = {}
+    for trait in TRAITS:  # the order the judge was trained in, so score() lists traits alike
+        if trait.value in by_trait:
+            if set(by_trait[trait.value]) != expected:
+                raise ValueError(f"judge: {trait.value} arrays {sorted(by_trait[trait.value])}")
+            models[trait] = _rebuild(by_trait[trait.value])
+    return models
+
+
+def _arrays_keys() -> list[str]:
+    blocks = [block for block, _ in _pipeline().named_steps["features"].transformer_list]
+    return [f"{b}.{a}" for b in blocks for a in ("vocabulary", "idf")] + [
+        f"logreg.{a}" for a in ("coef", "intercept", "classes")
+    ]
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``np.savez_compressed`` without its member timestamps (and without pickles): reproducible bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+    return buffer.getvalue()
 
 
 class JudgeStore:
@@ -275,20 +393,27 @@ class JudgeStore:
         return judge
 
     def get(self, name: str = JUDGE_NAME, *, build: bool = True) -> TraitJudge:
-        """The judge ``name``: cached, else loaded, else (the default judge, ``build``) trained now."""
+        """The judge ``name``: cached, else loaded, else (the default judge, ``build``) trained now.
+
+        The default judge is also rebuilt, not loaded, when an older version saved it as a pickle; any
+        other judge in that state is refused (:class:`JudgeOutdated` says how to rebuild it).
+        """
         if name in self._cache:
             return self._cache[name]
         folder = self.folder(name)
-        if not (folder / _CARD_FILE).is_file():
-            if not build or name != JUDGE_NAME:
-                raise JudgeNotFound(f"unknown trait judge {name!r} (build it with `big5 judge train --name {name}`)")
+        if _stored_storage(folder) != JUDGE_STORAGE and build and name == JUDGE_NAME:
             from filelock import FileLock
 
             self.root.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.root / f".{name}.lock")):
-                if not (folder / _CARD_FILE).is_file():  # another process may have built it meanwhile
+                stored = _stored_storage(folder)  # another process may have built it meanwhile
+                if stored != JUDGE_STORAGE:
+                    if stored is not None:
+                        logger.warning("judge %s: stored as %r by an older version; rebuilding it", name, stored)
                     rows, _ = load_filtered(self.dataset)
                     TraitJudge.train(rows, dataset=self.dataset, name=name).save(folder)
+        elif _stored_storage(folder) is None:
+            raise JudgeNotFound(f"unknown trait judge {name!r} (build it with `big5 judge train --name {name}`)")
         judge = TraitJudge.load(folder)
         self._cache[name] = judge
         return judge

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
 from big5core.traits import TRAITS, Level
-from evaluator.judge import JUDGE_NAME, JudgeCorrupt, JudgeNotFound, JudgeStore, TraitJudge
+from evaluator.judge import (
+    JUDGE_NAME,
+    JUDGE_STORAGE,
+    JudgeCorrupt,
+    JudgeNotFound,
+    JudgeOutdated,
+    JudgeStore,
+    TraitJudge,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +33,15 @@ def judge_store(tmp_path_factory: pytest.TempPathFactory) -> JudgeStore:
 
 
 @pytest.fixture(scope="module")
-def judge(judge_store: JudgeStore) -> TraitJudge:
-    return judge_store.get()
+def fitted(judge_store: JudgeStore) -> TraitJudge:
+    """The judge as trained, in memory (``JudgeStore.train`` saves it and returns this object)."""
+    return judge_store.train()
+
+
+@pytest.fixture(scope="module")
+def judge(judge_store: JudgeStore, fitted: TraitJudge) -> TraitJudge:
+    """The same judge read back from its files."""
+    return TraitJudge.load(judge_store.folder())
 
 
 def test_held_out_accuracy_and_real_gap_per_trait(judge: TraitJudge) -> None:
@@ -86,22 +106,100 @@ def test_score_shapes(judge: TraitJudge) -> None:
 def test_artefact_round_trip_and_tamper_check(judge_store: JudgeStore, judge: TraitJudge, tmp_path: Path) -> None:
     folder = judge_store.folder()
     card = json.loads((folder / "card.json").read_text())
-    assert card["sha256"] == judge.card.sha256
-    loaded = TraitJudge.load(folder)
-    texts = ["Sure, whatever you want.", "Absolutely not, that's a terrible idea!"]
-    assert loaded.score(texts) == judge.score(texts)
+    assert card["sha256"] == judge.card.sha256 == hashlib.sha256((folder / "model.npz").read_bytes()).hexdigest()
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in ("card.json", "model.joblib"):
+    for name in ("card.json", "model.npz"):
         (copy / name).write_bytes((folder / name).read_bytes())
-    with (copy / "model.joblib").open("ab") as handle:
+    with (copy / "model.npz").open("ab") as handle:
         handle.write(b"tampered")
-    with pytest.raises(JudgeCorrupt):
+    with pytest.raises(JudgeCorrupt, match="does not match its card.*big5 judge train --name copy"):
         TraitJudge.load(copy)
     with pytest.raises(JudgeNotFound):
         TraitJudge.load(tmp_path / "nothing")
     with pytest.raises(JudgeNotFound):
         judge_store.get("someone-elses-judge")
+
+
+def test_reloaded_judge_scores_exactly_as_the_fitted_one(fitted: TraitJudge, judge: TraitJudge) -> None:
+    """The arrays rebuild the very pipeline: the same P(high) to the last bit, traits in the same order."""
+    assert judge is not fitted and judge.card == fitted.card
+    rows, _ = load_filtered(BUNDLED_REAL)
+    _, held = heldout_split(rows)
+    texts = [r.speaker_y for r in held] + ["", "Sure, whatever you want.", "Zzyzx qwertyuiop!!", "Ça va? 你好 🎉"]
+    assert list(judge.score(texts)) == list(fitted.score(texts)) == [t.value for t in TRAITS]
+    assert judge.score(texts) == fitted.score(texts)
+
+
+def test_model_file_is_arrays_not_a_pickle(judge_store: JudgeStore, fitted: TraitJudge, tmp_path: Path) -> None:
+    folder = judge_store.folder()
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.npz"]
+    assert json.loads((folder / "card.json").read_text())["storage"] == JUDGE_STORAGE
+    with np.load(folder / "model.npz", allow_pickle=False) as npz:  # refuses any object (pickled) array
+        arrays = {key: npz[key] for key in npz.files}
+    assert len(arrays) == 7 * len(TRAITS) and all(a.dtype.kind in "Uif" for a in arrays.values())
+    # the same parameters give the same bytes: no timestamps in the archive
+    again = TraitJudge(fitted.models, fitted.card).save(tmp_path / "again")
+    assert (again / "model.npz").read_bytes() == (folder / "model.npz").read_bytes()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what any code in a pickle could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def _pickled_judge(folder: Path, judge: TraitJudge, marker: Path) -> None:
+    """A judge folder as the joblib version wrote it: ``model.joblib`` and a card without ``storage``."""
+    folder.mkdir(parents=True)
+    data = pickle.dumps({t.value: _Payload(marker) for t in TRAITS})
+    (folder / "model.joblib").write_bytes(data)
+    card = {k: v for k, v in judge.card.to_json().items() if k != "storage"}
+    card["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+def test_a_pickled_judge_is_refused_unread(judge: TraitJudge, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    _pickled_judge(tmp_path / "judges" / "old-judge", judge, marker)
+    with pytest.raises(JudgeOutdated, match=r"pickle \(model.joblib\).*big5 judge train --name old-judge"):
+        TraitJudge.load(tmp_path / "judges" / "old-judge")
+    with pytest.raises(JudgeOutdated):
+        JudgeStore(tmp_path / "judges").get("old-judge")  # not the default judge: never rebuilt behind one's back
+    assert not marker.exists()
+
+
+def test_an_object_array_is_refused_even_under_a_matching_card(judge_store: JudgeStore, tmp_path: Path) -> None:
+    """Whoever can rewrite the model can rewrite its card too: the loader itself must not unpickle."""
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, archive.open("openness.logreg.coef.npy", "w") as member:
+        np.lib.format.write_array(member, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    (folder / "model.npz").write_bytes(buffer.getvalue())
+    card = json.loads((judge_store.folder() / "card.json").read_text())
+    card["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(JudgeCorrupt, match="does not hold"):
+        TraitJudge.load(folder)
+    assert not marker.exists()
+
+
+def test_the_default_judge_saved_as_a_pickle_is_rebuilt(judge: TraitJudge, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    _pickled_judge(tmp_path / "judges" / JUDGE_NAME, judge, marker)
+    rebuilt = JudgeStore(tmp_path / "judges").get()
+    folder = tmp_path / "judges" / JUDGE_NAME
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.npz"]
+    assert rebuilt.card.storage == JUDGE_STORAGE and rebuilt.card.traits == judge.card.traits
+    texts = ["Let's throw a huge party and invite everyone!", "I'd rather stay home alone."]
+    assert rebuilt.score(texts) == judge.score(texts)
+    assert not marker.exists()
 
 
 def test_importing_the_judge_builds_nothing(tmp_path: Path) -> None:
@@ -113,7 +211,7 @@ def test_importing_the_judge_builds_nothing(tmp_path: Path) -> None:
 def test_default_judge_is_built_once_and_reused(tmp_path: Path) -> None:
     store = JudgeStore(tmp_path / "judges")
     first = store.get()
-    mtime = (store.folder() / "model.joblib").stat().st_mtime_ns
+    mtime = (store.folder() / "model.npz").stat().st_mtime_ns
     again = JudgeStore(tmp_path / "judges").get()  # another process would read the same folder
-    assert (store.folder() / "model.joblib").stat().st_mtime_ns == mtime
+    assert (store.folder() / "model.npz").stat().st_mtime_ns == mtime
     assert again.card.sha256 == first.card.sha256 and again.card.name == JUDGE_NAME
