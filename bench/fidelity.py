@@ -79,10 +79,18 @@ def main() -> None:
     planned = plan_assessments(
         stack, inventories, methods, runs=args.runs, items=args.items, reply_tokens=args.reply_tokens
     )
-    if not args.report_only:
-        run_assessments(stack, [p for p in planned.values() if p.assessment_id is None], args.concurrency)
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        from big5.quickstart import reference_path
+
+        run_assessments(
+            stack,
+            [p for p in planned.values() if p.assessment_id is None],
+            args.concurrency,
+            reference=reference_path(reports, args.items),
+            items=args.items,
+        )
     for inventory in inventories:
         conditions, items_by_trait, adapters = load_conditions(stack, inventory, methods, args.runs)
         from evaluator.inventories import human_correlation_matrix
@@ -92,17 +100,33 @@ def main() -> None:
         report = to_dict(inventory, args.runs, direct, results, adapters)
         (reports / f"fidelity-{inventory}.json").write_text(json.dumps(report, indent=2))
         print(markdown(inventory, args.runs, direct, results, adapters))
-    from big5.quickstart_report import dialogue_scores
+    from big5.quickstart import reference_path
+    from big5.quickstart_report import (
+        dialogue_replies,
+        dialogue_scores,
+        load_reference,
+        quality_tables,
+        questionnaire_results,
+    )
 
     with stack.sessions() as session:
         scores = dialogue_scores(session, planned)
+        replies = dialogue_replies(session, planned)
+        questionnaires = {inv: questionnaire_results(session, planned, inv) for inv in inventories}
     tables = dialogue_tables(scores, judge)
+    quality = quality_tables(
+        tables["json"], scores, replies, load_reference(reference_path(reports, args.items)), questionnaires
+    )
     targets = dialogue_targets(tables["json"])
     (reports / "fidelity-dialogue.json").write_text(
-        json.dumps({**tables["json"], "targets": targets, "judge": judge.card.to_json()}, indent=2)
+        json.dumps(
+            {**tables["json"], "quality": quality["json"], "targets": targets, "judge": judge.card.to_json()}, indent=2
+        )
     )
     print("\n### Dialogue (held-out Speaker X turns, trait judge)\n")
     print("```\n" + tables["text"] + "\n```")
+    print("\n### Reply quality beside the trait effect\n")
+    print("```\n" + quality["text"] + "\n```")
     print("\n| target | met | measured |\n|---|---|---|")
     for name, (met, detail) in targets.items():
         print(f"| {name} | {'yes' if met else 'no'} | {detail} |")

@@ -173,11 +173,17 @@ def quickstart(
         with stages.stage("training"):
             train_all(stack, {k: v for k, v in plan.items() if v["method"] in wanted}, stages)
     try:
-        with stages.stage("assessments"):
-            requests = plan_assessments(stack, inventories, wanted, runs=runs, items=items, reply_tokens=reply_tokens)
-            run_assessments(stack, [r for r in requests.values() if r.assessment_id is None], concurrency)
         reports = settings.data_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)
+        with stages.stage("assessments"):
+            requests = plan_assessments(stack, inventories, wanted, runs=runs, items=items, reply_tokens=reply_tokens)
+            run_assessments(
+                stack,
+                [r for r in requests.values() if r.assessment_id is None],
+                concurrency,
+                reference=reference_path(reports, items),
+                items=items,
+            )
         from big5.quickstart_report import print_reports
 
         print_reports(stack, requests, inventories, judge, reports)
@@ -448,7 +454,11 @@ def plan_assessments(
             continue
         with stack.sessions() as session:
             for a in store.search(session, persona_key=resolved.key, inventory=request.inventory, state="done"):
-                if a.runs == request.runs and a.scoring_mode == request.scoring and _same_options(a.options, request):
+                if (
+                    a.runs == request.runs
+                    and a.scoring_mode == request.scoring
+                    and _same_options(a.options, request, a.summary)
+                ):
                     planned.assessment_id = a.id
                     break
         if planned.assessment_id is not None:
@@ -461,18 +471,60 @@ def plan_assessments(
 
 
 def _signature(request: Any) -> str:
-    return f"{request.inventory}|{request.scoring}|{request.runs}|{request.max_items}|{request.max_tokens}"
+    decoding = "|".join(str(getattr(request, k)) for k in DECODING_OPTIONS)
+    return f"{request.inventory}|{request.scoring}|{request.runs}|{request.max_items}|{request.max_tokens}|{decoding}"
 
 
-def _same_options(options: dict[str, Any], request: Any) -> bool:
+DECODING_OPTIONS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def _same_options(options: dict[str, Any], request: Any, summary: dict[str, Any] | None = None) -> bool:
+    """A stored assessment answers the planned request: same turns, length and decoding, and (dialogue) its
+    replies' quality measured (assessments stored before reply quality existed are run again)."""
     if request.scoring != "judge":
         return True
-    return options.get("max_items") == request.max_items and options.get("max_tokens") == request.max_tokens
+    same = options.get("max_items") == request.max_items and options.get("max_tokens") == request.max_tokens
+    decoding = all(options.get(k, _OLD_DEFAULTS.get(k)) == getattr(request, k) for k in DECODING_OPTIONS)
+    return same and decoding and bool((summary or {}).get("quality"))
 
 
-def run_assessments(stack: Any, planned: list[Planned], concurrency: int) -> None:
-    """Run the planned assessments on one engine (LoRA on), ``concurrency`` at a time; fills their ids."""
-    if not planned:
+_OLD_DEFAULTS = {
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+"""The decoding of dialogue assessments stored before these options were recorded (vLLM's neutral values)."""
+
+
+def reference_path(reports: Any, items: int | None) -> Any:
+    """Where the real replies' quality (the reference row) of the dialogue plan's turns is kept."""
+    return reports / f"quality-reference-{items or 'all'}.json"
+
+
+def write_reference(engine: Any, path: Any, items: int | None) -> None:
+    """Measure the real replies of the plan's held-out scenarios (evaluator.quality) once, into ``path``."""
+    import json
+
+    from evaluator.dialogue import load_dialogue_set
+    from evaluator.quality import real_reply_quality
+
+    turns = load_dialogue_set()
+    asked = turns.items[:items] if items else turns.items
+    found = asyncio.run(real_reply_quality(engine, turns.source, turns.split, [i.scenario for i in asked]))
+    payload = {"items_hash": turns.items_hash, "items": items, "arms": found}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def run_assessments(
+    stack: Any, planned: list[Planned], concurrency: int, *, reference: Any = None, items: int | None = None
+) -> None:
+    """Run the planned assessments on one engine (LoRA on), ``concurrency`` at a time; fills their ids.
+    With ``reference``, the real replies' quality is measured there too when the file is missing."""
+    if not planned and (reference is None or reference.exists()):
         return
     from tqdm import tqdm
 
@@ -504,5 +556,7 @@ def run_assessments(stack: Any, planned: list[Planned], concurrency: int) -> Non
 
         asyncio.run(go())
         bar.close()
+        if reference is not None and not reference.exists():
+            write_reference(engine, reference, items)
     finally:
         engine.shutdown()

@@ -28,6 +28,8 @@ def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], 
                 (reports / f"quickstart-{inventory}.{fmt}").write_bytes(report.table_figure(table, fmt))
             typer.echo(f"figure: {reports / f'quickstart-{inventory}.png'}")
         scores = dialogue_scores(session, plan)
+        replies = dialogue_replies(session, plan)
+        questionnaires = {inv: questionnaire_results(session, plan, inv) for inv in inventories}
     if not scores:
         return
     from evaluator.dialogue_report import dose_figure
@@ -41,7 +43,110 @@ def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], 
         typer.echo(f"figure: {path}")
     import json
 
+    from big5.quickstart import reference_path
+
+    reference = load_reference(reference_path(reports, _items_of(plan)))
+    quality = quality_tables(dialogue["json"], scores, replies, reference, questionnaires)
+    typer.echo("")
+    typer.echo(quality["text"])
+    from evaluator.quality_report import gap_quality_figure
+
+    path = reports / "quickstart-gap-quality.png"
+    path.write_bytes(gap_quality_figure(quality["rows"]))
+    typer.echo(f"figure: {path}")
+    dialogue["json"]["quality"] = quality["json"]
     (reports / "quickstart-dialogue.json").write_text(json.dumps(dialogue["json"], indent=2))
+
+
+def _items_of(plan: dict[str, Planned]) -> int | None:
+    return next((p.request.max_items for p in plan.values() if p.kind == "dialogue"), None)
+
+
+def dialogue_replies(session: Any, plan: dict[str, Planned]) -> dict[str, Any]:
+    """label -> the persona's replies with their stored quality (evaluator.quality_report.Replies)."""
+    from evaluator import store
+    from evaluator.quality_report import from_responses
+
+    out: dict[str, Any] = {}
+    for p in plan.values():
+        if p.kind == "dialogue" and p.assessment_id:
+            out[p.label] = from_responses(store.responses(session, p.assessment_id))
+    return out
+
+
+def questionnaire_results(session: Any, plan: dict[str, Planned], inventory: str) -> dict[str, dict[str, Any]]:
+    """label -> {"coverage": answered share of the whole inventory, "traits": trait -> score (None: unscored)}."""
+    from evaluator import report, store
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, p in plan.items():
+        if p.kind != "questionnaire" or not key.startswith(f"{inventory}:") or not p.assessment_id:
+            continue
+        a = store.get(session, p.assessment_id)
+        if a.state == "done":
+            out[p.label] = {"coverage": (a.summary or {}).get("coverage"), "traits": report.trait_means(a)}
+    return out
+
+
+def load_reference(path: Any) -> dict[str, Any] | None:
+    """The real replies' quality per arm, as written by the quickstart (None when missing or stale)."""
+    import json
+
+    from evaluator.dialogue import load_dialogue_set
+    from evaluator.quality_report import Replies
+
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("items_hash") != load_dialogue_set().items_hash:
+        return None
+    return {arm: Replies(list(texts), list(q)) for arm, (texts, q) in data["arms"].items()}
+
+
+def quality_tables(
+    gaps_json: dict[str, Any],
+    scores: dict[str, dict[str, dict[str, float]]],
+    replies: dict[str, Any],
+    reference: dict[str, Any] | None,
+    questionnaires: dict[str, dict[str, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Reply quality per method beside its judge gap, the quality targets, and convergent validity."""
+    from evaluator.dialogue_report import mean_score
+    from evaluator.quality_report import (
+        convergent_validity,
+        format_rows,
+        format_validity,
+        method_quality,
+        quality_targets,
+    )
+
+    inventory = "bfi44" if "bfi44" in questionnaires else next(iter(questionnaires), None)
+    found = questionnaires.get(inventory or "", {})
+    coverage = {label: q["coverage"] for label, q in found.items() if q.get("coverage") is not None}
+    gaps = {title: {t: cell.get("gap") for t, cell in row.items()} for title, row in gaps_json.get("gaps", {}).items()}
+    rows = method_quality(replies, METHOD_ROWS, reference, coverage, gaps)
+    lines = [format_rows(rows)]
+    if reference is None:
+        lines.append("  (no reference row: the real replies' quality was not measured for these turns)")
+    targets = quality_targets(rows)
+    for title, checks in targets.items():
+        lines.append(
+            f"  {title}: " + ", ".join(f"{name} {'met' if ok else 'MISSED'} ({v})" for name, (ok, v) in checks.items())
+        )
+    validity = []
+    if found:
+        judged = {label: {t.value: mean_score(s, t.value) for t in TRAITS} for label, s in scores.items()}
+        validity = convergent_validity({k: v["traits"] for k, v in found.items()}, judged, [t.value for t in TRAITS])
+        lines += ["", format_validity(validity, inventory or "")]
+    return {
+        "text": "\n".join(lines),
+        "rows": rows,
+        "json": {
+            "rows": [r.to_dict() for r in rows],
+            "targets": {k: {n: list(v) for n, v in c.items()} for k, c in targets.items()},
+            "convergent_validity": {"inventory": inventory, "traits": [c.to_dict() for c in validity]},
+        },
+    }
 
 
 def dialogue_scores(session: Any, plan: dict[str, Planned]) -> dict[str, dict[str, dict[str, float]]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -19,6 +19,32 @@ class SamplingOptions:
     seed: int | None = None
     stop: list[str] | None = None
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: equal work per mode)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: > 1 makes tokens already in the prompt or the reply less likely
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How replies are sampled, apart from length, seed and stops: what ``bench/decoding.py`` compares."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def sampling(self, max_tokens: int, seed: int | None = None, **extra: object) -> SamplingOptions:
+        return SamplingOptions(max_tokens=max_tokens, seed=seed, **asdict(self), **extra)  # type: ignore[arg-type]
+
+
+DEFAULT_DECODING = Decoding(temperature=0.7)
+"""The service's and the dialogue assessment's decoding when a request leaves it unset (bench/decoding.py,
+docs/RESULTS.md): placeholder, replaced by the measured choice."""
+
+GREEDY = Decoding()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -37,15 +38,17 @@ from big5core.dataset import (
     split_by_scenario,
 )
 from big5core.errors import Invalid
+from big5core.generation import SamplingOptions
 from big5core.models import InventoryRecord
 from big5core.persona import ResolvedPersona
 from big5core.prompts import ChatMessage
+from evaluator import quality
 from evaluator.administer import Engine, ProgressFn, Response, Scores
 from evaluator.judge import TraitJudge
+from evaluator.stats import bootstrap_ci
 
 DIALOGUE_INVENTORY = "big5chat-dialogue"
 DIALOGUE_SCORING = "judge"
-BOOTSTRAP_RESAMPLES = 2000
 
 Split = Literal["heldout", "all"]
 
@@ -201,26 +204,24 @@ async def administer_dialogue(
     *,
     runs: int,
     max_items: int | None,
-    temperature: float,
-    max_tokens: int,
+    sampling: SamplingOptions,
     seed: int,
     lora: Any = None,
     progress: ProgressFn | None = None,
 ) -> list[Response]:
-    """Every item of every run (items of a run concurrently, so the engine batches them), judged."""
-    from big5core.generation import SamplingOptions
-
+    """Every item of every run (items of a run concurrently, so the engine batches them), judged, and each
+    reply's quality measured (:mod:`evaluator.quality`: repetition, opening, relevance to the turn, perplexity
+    under the base model). ``sampling`` is the decoding of every reply; its seed is set per reply."""
     items = dialogue.items[:max_items] if max_items else dialogue.items
     responses: list[Response] = []
+    relevance = quality.relevance_for(dialogue.source)
 
     async def one(run: int, position: int, item: DialogueItem) -> Response:
         messages = persona.apply([ChatMessage(role="user", content=item.text)])
         out = Response(run=run, position=position, item_id=item.id, variant=0)
-        sampling = SamplingOptions(
-            max_tokens=max_tokens, temperature=temperature, seed=seed * 1_000_003 + run * 10_007 + position
-        )
+        reply_sampling = replace(sampling, seed=seed * 1_000_003 + run * 10_007 + position)
         try:
-            result = await engine.generate(messages, sampling, lora=lora)
+            result = await engine.generate(messages, reply_sampling, lora=lora)
         except Exception as exc:  # recorded per item; the engine being down fails the whole run below
             if type(exc).__name__ in ("EngineNotReady", "EngineDeadError"):
                 raise
@@ -231,12 +232,17 @@ async def administer_dialogue(
             out.parse_error = "empty reply"
         return out
 
+    by_id = {item.id: item for item in items}
     for run in range(runs):
         batch = await asyncio.gather(*(one(run, pos, item) for pos, item in enumerate(items)))
         answered = [r for r in batch if r.parse_error is None and r.raw_text]
-        scores = judge.score([r.raw_text or "" for r in answered])
+        replies = [r.raw_text or "" for r in answered]
+        scores = judge.score(replies)
+        turns = [by_id[r.item_id].text for r in answered]
+        perplexities = await quality.base_perplexities(engine, turns, replies)
         for i, r in enumerate(answered):
             r.judge_scores = {trait: values[i] for trait, values in scores.items()}
+            r.quality = quality.reply_quality(turns[i], replies[i], relevance, perplexities[i]).to_dict()
         responses.extend(batch)
         if progress is not None:
             reported = progress(
@@ -245,19 +251,6 @@ async def administer_dialogue(
             if inspect.isawaitable(reported):
                 await reported
     return responses
-
-
-def bootstrap_ci(
-    values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the mean (a single value gives a zero-width interval)."""
-    data = np.asarray(values, dtype=float)
-    if data.size == 0:
-        raise ValueError("no values")
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def score_dialogue(responses: Sequence[Response], runs: int, judge: TraitJudge, dialogue: DialogueSet) -> Scores:
@@ -278,6 +271,7 @@ def score_dialogue(responses: Sequence[Response], runs: int, judge: TraitJudge, 
         traits[trait.value] = {"mean": mean, "sd": sd, "n_runs": runs, "alpha": None, "z": None}
         detail[trait.value] = {"mean": mean, "sd": sd, "ci95": [low, high], "n": len(values)}
     lengths = [len(r.raw_text or "") for r in answered]
+    judged = [r for r in answered if r.quality]
     summary: dict[str, Any] = {
         "kind": "dialogue",
         "n_responses": len(responses),
@@ -288,6 +282,7 @@ def score_dialogue(responses: Sequence[Response], runs: int, judge: TraitJudge, 
         ][:200],
         "dialogue": detail,
         "reply_chars_mean": float(np.mean(lengths)) if lengths else None,
+        "quality": quality.summarise([r.quality for r in judged if r.quality], [r.raw_text or "" for r in judged]),
         "judge": {
             "name": judge.card.name,
             "kind": judge.card.kind,

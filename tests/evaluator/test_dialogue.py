@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
-from big5core.generation import GenerationResult
+from big5core.generation import DEFAULT_DECODING, ContinuationScore, GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack
@@ -69,7 +70,16 @@ def test_a_file_that_is_all_held_out_and_a_bad_source(tmp_path: Path) -> None:
 
 def test_request_defaults_and_refusals() -> None:
     request = AssessRequest.model_validate({"persona": {"method": "direct"}, "inventory": DIALOGUE_INVENTORY})
-    assert (request.scoring, request.temperature, request.max_tokens, request.runs) == ("judge", 0.0, 64, 1)
+    assert (request.scoring, request.max_tokens, request.runs) == ("judge", 64, 1)
+    sampling = request.dialogue_sampling()  # the service's default decoding, unless the request asks otherwise
+    assert (sampling.temperature, sampling.repetition_penalty) == (
+        DEFAULT_DECODING.temperature,
+        DEFAULT_DECODING.repetition_penalty,
+    )
+    greedy = AssessRequest.model_validate(
+        {"persona": {"method": "direct"}, "inventory": DIALOGUE_INVENTORY, "temperature": 0, "repetition_penalty": 1}
+    ).dialogue_sampling()
+    assert (greedy.temperature, greedy.repetition_penalty, greedy.max_tokens) == (0.0, 1.0, 64)
     with pytest.raises(ValidationError, match="scored by the trait judge"):
         AssessRequest.model_validate(
             {"persona": {"method": "direct"}, "inventory": DIALOGUE_INVENTORY, "scoring": "logprob"}
@@ -95,6 +105,14 @@ class FlakyEngine:
 
     async def option_scores(self, messages: list[Any], options: list[str], lora: Any = None) -> Any:
         raise AssertionError("not used")
+
+    def render(self, messages: list[Any]) -> str:
+        return messages[-1]["content"]
+
+    async def continuation_logprobs(self, prompt: str, continuations: list[str], lora: Any = None) -> list[Any]:
+        assert lora is None  # the base model's perplexity
+        return [ContinuationScore(logprob=-3.0 * len(c.split()), n_tokens=len(c.split()), n_chars=len(c), greedy=False)
+                for c in continuations]  # fmt: skip
 
     async def register_lora(self, name: str, path: Any) -> Any:
         return None
@@ -124,6 +142,12 @@ def test_failed_and_empty_replies_are_recorded_never_defaulted(stack: Stack, jud
         answered = [r for r in responses if r.parse_error is None]
         assert len(answered) == 3 and all(set(r.judge_scores) == {t.value for t in TRAITS} for r in answered)
         assert assessment.summary["n_failed"] == 2
+        for r in answered:  # each answered reply's quality is stored with it
+            assert r.quality["repetition"] == 0.0 and r.quality["opening"] == "oh wow yes"
+            assert r.quality["perplexity"] == pytest.approx(math.exp(3.0)) and r.quality["relevance"] >= 0.0
+        assert failed.quality is None and empty.quality is None
+        summary = assessment.summary["quality"]
+        assert summary["n"] == 3 and summary["shared_opening"] == 1.0 and summary["top_opening"] == "oh wow yes"
         assert assessment.summary["dialogue"]["extraversion"]["n"] == 3
         assert assessment.scoring_mode == "judge"
 

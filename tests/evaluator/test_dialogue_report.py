@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evaluator.dialogue import bootstrap_ci
+from evaluator.stats import bootstrap_ci
 from evaluator.dialogue_report import dose_response, item_scores, mixture, paired_gap
 
 
