@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, and_, bindparam, func, or_, select, update
+from sqlalchemy import DateTime, Integer, and_, bindparam, case, false, func, or_, select, true, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -258,20 +258,29 @@ def succeed(
 
 
 def fail(session: Session, job_id: str, owner: str, error: str, *, retryable: bool) -> str:
-    """Record a failure: back to the queue while attempts remain (if retryable), else failed."""
-    job = session.get(TrainingJob, job_id, with_for_update=True)
-    if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
-        return "lost"
-    job.error = error[-8000:]
-    job.lease_expires_at = None
-    if retryable and job.attempts < job.max_attempts:
-        job.state = JobState.QUEUED
-    else:
-        job.state = JobState.FAILED
-        job.finished_at = db_now()  # type: ignore[assignment]
-    state = job.state
-    session.flush()
-    return state
+    """Record a failure: back to the queue while attempts remain (if retryable), else failed.
+
+    One compare-and-set UPDATE (owner and state in its WHERE), on SQLite as on PostgreSQL: a cancel
+    or a claim that lands first is never overwritten. Returns the new state, or ``"cancelled"`` /
+    ``"lost"`` when this owner no longer held the job running.
+    """
+    requeue = and_(TrainingJob.attempts < TrainingJob.max_attempts, true() if retryable else false())
+    changed = session.execute(
+        update(TrainingJob)
+        .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
+        .values(
+            error=error[-8000:],
+            lease_expires_at=None,
+            state=case((requeue, JobState.QUEUED.value), else_=JobState.FAILED.value),
+            finished_at=case((requeue, TrainingJob.finished_at), else_=db_now()),
+        )
+        .returning(TrainingJob.state)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if changed is None:
+        return LeaseState.CANCELLED.value if lease_state(session, job_id, owner) is LeaseState.CANCELLED else "lost"
+    session.expire_all()  # a TrainingJob loaded in this session must not show the old state
+    return str(changed)
 
 
 def cancel(session: Session, job_id: str) -> TrainingJob:

@@ -2,9 +2,10 @@
 
 An adapter is staged in a temporary folder beside its final place, checked (PEFT config that vLLM
 can load: plain LoRA, no DoRA, no bias, no modules_to_save, rank within the engine's limit),
-hashed, then moved into place with one ``os.replace`` and only then registered as ready. A crash at
-any point leaves either nothing or an unregistered staging folder that :func:`sweep_staging`
-removes; never a half-written adapter marked ready.
+hashed, fsynced (files, then folder), then moved into place with one ``os.replace`` (whose folders
+are fsynced too) and only then registered as ready. A crash at any point, a power cut included,
+leaves either nothing or an unregistered staging folder that :func:`sweep_staging` removes; never
+a half-written adapter marked ready.
 
 Concurrent publishers of one name (workers on several machines) are serialised by a lock on the
 adapter name held from the version choice to the caller's commit (:func:`lock_name`): a
@@ -30,6 +31,7 @@ from typing import Any
 from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
+from big5core import fsio
 from big5core.errors import Conflict, Invalid, NotFound, NotReady
 from big5core.models import Adapter, AdapterState
 from big5core.modelstore import sha256_tree
@@ -165,16 +167,17 @@ def publish(
     """
     config = check_adapter_folder(staged, max_rank)
     digest = sha256_tree(staged)
+    fsio.fsync_tree(staged)  # the files, then their folder: durable before the rename makes them visible
     lock_name(session, name)
     version = next_version(session, name)
     final = adapters_dir / name / f"v{version}"
-    final.parent.mkdir(parents=True, exist_ok=True)
+    fsio.make_dirs(final.parent)
     if final.exists():  # no committed row has this version (we hold the name lock): an orphan
         logger.warning("Replacing %s, left by a publish that never committed", final)
         trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "orphan-", dir=adapters_dir))
         os.replace(final, trash / final.name)
         shutil.rmtree(trash, ignore_errors=True)
-    os.replace(staged, final)
+    fsio.replace(staged, final)  # fsyncs both parents: the move is on disk before the row can commit
     adapter = Adapter(
         name=name,
         version=version,
@@ -198,8 +201,16 @@ def publish(
 
 
 def discard(adapter: Adapter) -> None:
-    """Remove the files of an adapter whose row is about to be rolled back (call under the name lock)."""
-    shutil.rmtree(adapter.path, ignore_errors=True)
+    """Remove the files of an adapter whose row is about to be rolled back (call under the name lock).
+
+    Only while they are still this adapter's files: if the database connection died, the name lock
+    went with it, and another publisher may already have put its own files at this version's path.
+    """
+    folder = Path(adapter.path)
+    if folder.is_dir() and sha256_tree(folder) != adapter.sha256:
+        logger.warning("Not removing %s: it holds another publish's files now", folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def get(session: Session, ref: str | AdapterRef, *, ready: bool = True) -> Adapter:

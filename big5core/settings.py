@@ -52,6 +52,15 @@ class ServiceSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     composition_step: float = Field(0.25, gt=0, le=1, description="Quantisation step of trait vectors.")
     composed_cache_size: int = Field(32, ge=1, description="Composed adapters kept on disk (LRU).")
+    composed_max_bytes: int | None = Field(
+        8 << 30,
+        ge=1,
+        description="Disk budget of the composed adapters (bytes, every replica's together): idle ones are evicted "
+        "to make room; when those in use leave none, a new trait vector is refused with 503. Empty: no budget.",
+    )
+    max_reasoning_runs: int = Field(
+        2, ge=1, description="Reasoning runs in progress at once in this process; beyond it POST /v1/reasoning is 503."
+    )
     log_prompts: bool = Field(False, description="Log prompts and completions (off by default).")
     request_timeout_s: float = Field(300.0, gt=0)
     engine_restarts: int = Field(
@@ -63,6 +72,13 @@ class ServiceSettings(BaseModel):
     engine_restart_backoff_s: float = Field(
         2.0, gt=0, description="Wait before the second restart attempt; doubled after each failure, at most 60 s."
     )
+    engine_window_restarts: int = Field(
+        5,
+        ge=1,
+        description="Engine restarts (after its core died, successful or not) allowed within engine_restart_window_s; "
+        "one more and the service exits non-zero instead, for its supervisor to replace the process.",
+    )
+    engine_restart_window_s: float = Field(900.0, gt=0, description="The window of engine_window_restarts.")
 
 
 class TrainerSettings(BaseModel):

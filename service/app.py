@@ -1,12 +1,13 @@
 """The FastAPI application: ``create_app(settings)`` builds it; nothing is created at import time.
 
 Lifespan: build the stack unless given (migrates the database), build and start the engine in the
-background unless given (so /health answers "loading" at once and generation answers 503 + Retry-After
-until it is ready), supervise it (a dead engine core is restarted in-process with backoff; after
-``engine_restarts`` failures in a row ``on_engine_lost`` runs: see :mod:`service.supervisor`), create
-the assessment runner and sweep assessments a crashed process left behind. On the way out: cancel
-running assessments, shut down the engine if this app started it, close the stack if this app built
-it. Everything lives on one typed :class:`ServiceState`.
+background unless given (so /health answers 503 "loading" at once and generation answers 503 +
+Retry-After until it is ready), supervise it (a dead engine core is restarted in-process with backoff;
+after ``engine_restarts`` failures in a row, or more than ``engine_window_restarts`` within
+``engine_restart_window_s``, ``on_engine_lost`` runs: see :mod:`service.supervisor`), create the
+assessment and reasoning runners and sweep the runs a crashed process left behind. On the way out:
+cancel running assessments and reasoning runs, shut down the engine if this app started it, close the
+stack if this app built it. Everything lives on one typed :class:`ServiceState`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from big5core.models import AdapterState
 from big5core.settings import Settings
 from big5core.stack import Stack, build_stack
 from evaluator.reasoning import routes as reasoning_routes
+from evaluator.reasoning.settings import get_reasoning_settings
 from evaluator.routes import build_router as build_evaluator_router
 from service import errors
-from service.deps import get_runner, get_session, get_state, require_admin, require_client
+from service.deps import get_reasoning_runner, get_runner, get_session, get_state, require_admin, require_client
 from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
@@ -42,7 +44,7 @@ from service.middleware import (
 from service.routes import adapters, datagen, generate, health, openai, training
 from service.schemas import ChatCompletionChunk, GenerateStreamEvent, Problem, problems
 from service.serving import GenerationService
-from service.state import Admission, AdmittedRunner, ServiceState
+from service.state import Admission, AdmittedReasoningRunner, AdmittedRunner, ServiceState
 from service.supervisor import EngineSupervisor
 
 logger = logging.getLogger(__name__)
@@ -97,8 +99,8 @@ def create_app(
         build_evaluator_router(get_runner, get_session, require_client, require_admin),
         responses=problems(400, 404, 409),
     )
-    reasoning = reasoning_routes.build_router(get_state, get_session, require_client)  # issue 14
-    app.include_router(reasoning, responses=problems(400, 404, 409))
+    reasoning = reasoning_routes.build_router(get_reasoning_runner, get_session, require_client)  # issue 14
+    app.include_router(reasoning, responses=problems(400, 404, 409, 503))
     app.include_router(health.router)
     _add_aliases(app, UNVERSIONED_ALIASES)
     app.openapi = _openapi_documenting_problems(app)  # type: ignore[method-assign]
@@ -125,11 +127,25 @@ async def _start(
         swept = await asyncio.to_thread(runner.sweep)
         if swept:
             logger.warning("Marked %d interrupted assessment(s) failed", swept)
+        reasoning = AdmittedReasoningRunner(
+            built.sessions,
+            built.resolver,
+            engine,
+            get_reasoning_settings(),
+            admission=admission,
+            runs=Admission(
+                settings.service.max_reasoning_runs, metrics, what="reasoning runs", reason="reasoning_runs_full"
+            ),
+        )
+        swept = await asyncio.to_thread(reasoning.sweep)  # their stored units stay (resumable)
+        if swept:
+            logger.warning("Marked %d interrupted reasoning run(s) failed", swept)
         state = ServiceState(
             settings=settings,
             stack=built,
             engine=engine,
             runner=runner,
+            reasoning=reasoning,
             serving=GenerationService(settings.service, built.resolver, engine, admission, metrics),
             admission=admission,
             metrics=metrics,
@@ -144,7 +160,12 @@ async def _start(
     state.owns_engine = owns_engine
     service = settings.service
     state.supervisor = EngineSupervisor(
-        engine, restarts=service.engine_restarts, backoff_s=service.engine_restart_backoff_s, on_give_up=on_engine_lost
+        engine,
+        restarts=service.engine_restarts,
+        backoff_s=service.engine_restart_backoff_s,
+        on_give_up=on_engine_lost,
+        window_restarts=service.engine_window_restarts,
+        window_s=service.engine_restart_window_s,
     )
     state.engine_task = asyncio.create_task(
         state.supervisor.run(start=state.owns_engine), name="big5-engine-supervisor"
@@ -157,7 +178,7 @@ async def _start(
 
 
 async def _stop(state: ServiceState) -> None:
-    await state.runner.drain()
+    await asyncio.gather(state.runner.drain(), state.reasoning.drain())  # each run ends failed, adapters released
     if state.engine_task is not None and not state.engine_task.done():
         state.engine_task.cancel()  # stops supervising; a (re)start under way finishes and is then shut down
     if state.owns_engine:

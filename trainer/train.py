@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from big5core.training import TrainSpec
 from big5core.traits import Level, Trait
+from trainer import checkpoints
 from trainer import dataset as ds
 
 logger = logging.getLogger(__name__)
@@ -255,9 +256,9 @@ def _quiet_logs(trainer: Any, show_progress_bar: bool) -> None:
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    """The newest complete checkpoint in ``checkpoint_dir`` (:mod:`trainer.checkpoints`), or None."""
+    newest = checkpoints.newest_complete(checkpoint_dir)
+    return str(newest) if newest is not None else None
 
 
 def train_adapter(
@@ -275,8 +276,10 @@ def train_adapter(
 ) -> TrainResult:
     """Train one LoRA adapter and save its files to ``output_dir`` (None: do not save).
 
-    Checkpoints go to ``checkpoint_dir`` every ``spec.save_steps`` steps. ``resume="auto"`` resumes
-    from the newest checkpoint there; a path resumes from that one, None starts afresh. Under a
+    Checkpoints go to ``checkpoint_dir`` every ``spec.save_steps`` steps, each marked complete once
+    written (:mod:`trainer.checkpoints`). ``resume="auto"`` resumes from the newest complete
+    checkpoint there (an incomplete newer one is skipped); a path resumes from that one, None starts
+    afresh. Under a
     launcher with several processes (``trainer.ranks``) every rank calls this with the same
     arguments, the main one's resume point, and only the main one an ``output_dir``.
 
@@ -331,7 +334,7 @@ def train_adapter(
     train_ds = Dataset.from_list(data.train)
     eval_ds = Dataset.from_list(data.test) if (spec.eval and data.test) else None
     stopper = _stop_callback(should_stop)
-    callbacks = [_progress_callback(progress), stopper]
+    callbacks = [_progress_callback(progress), stopper, checkpoints.marker_callback()]
     if spec.method == "sft":
         from trl import SFTConfig
 

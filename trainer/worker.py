@@ -7,9 +7,14 @@ skipped. A job whose workers die on every attempt ends ``failed`` after ``max_at
 
 Each attempt writes its checkpoints to a folder of its own, ``checkpoints/<job>/attempt-<n>/<adapter>``
 (recorded in the job's ``checkpoint_dir``), and resumes explicitly from the newest complete
-checkpoint of the attempts before it (recorded in the job's progress as ``resumed_from``): a worker
-that lost its lease never writes where the new owner reads. The heartbeat thread notices a lost
-lease or a cancel; training then stops at the end of the current step, and nothing is published.
+checkpoint of the attempts before it (recorded in the job's progress as ``resumed_from``; a
+checkpoint is complete once its marker is written, :mod:`trainer.checkpoints`). The heartbeat
+thread notices a lost lease or a cancel; training then stops at the end of the current step, and
+nothing is published. A worker that cannot renew its lease at all (database down, network cut)
+stops the same way on its own clock, before the lease can expire: once no renewal has succeeded
+for ``(lease_seconds + heartbeat_seconds) / 2`` seconds. So a worker cut off from the database never
+trains on, or writes checkpoints, while a new owner resumes from them; and on any failure a
+worker removes only its own attempt's staging folder.
 
 Under ``accelerate launch`` the worker is the main rank of a group (``trainer.ranks``): it alone uses
 the database and the adapter store, and tells the other ranks what to train.
@@ -17,6 +22,7 @@ the database and the adapter store, and tells the other ranks what to train.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +42,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core import jobs, migrate, registry
 from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
 from big5core.db import engine_for, session_factory, transaction
-from big5core.errors import Conflict
+from big5core.errors import Conflict, Invalid
 from big5core.models import TrainingJob
 from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
 from big5core.training import TrainSpec
+from trainer import checkpoints
 from trainer.dataset import DatasetError
+from trainer.liveness import Liveness
 from trainer.ranks import Order, RankGroup, RanksOutOfStep
 
 logger = logging.getLogger(__name__)
@@ -58,27 +67,73 @@ class JobCancelled(Conflict, RuntimeError):
     code, title = "training-job-cancelled", "The training job was cancelled"
 
 
+class LeaseSettingsInvalid(Invalid):
+    """The heartbeat would not renew the lease before it expires."""
+
+    code, title = "lease-settings-invalid", "The heartbeat interval must be shorter than the lease"
+
+
 ATTEMPT_PREFIX = "attempt-"
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the job's lease and writes the latest progress while training runs."""
+def check_lease_settings(settings: Settings) -> None:
+    """Refuse a heartbeat interval at or above the lease: every lease would expire between renewals."""
+    lease, interval = settings.trainer.lease_seconds, settings.trainer.heartbeat_seconds
+    if interval >= lease:
+        raise LeaseSettingsInvalid(
+            f"BIG5_TRAINER__HEARTBEAT_SECONDS ({interval}) must be below BIG5_TRAINER__LEASE_SECONDS ({lease}): "
+            "the lease would expire before it is renewed and another worker would take the job over mid-training "
+            "(a third of the lease or less is a good heartbeat)"
+        )
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, owner: str, settings: Settings) -> None:
+
+class _Heartbeat(threading.Thread):
+    """Renews the job's lease and writes the latest progress while training runs.
+
+    It also keeps the worker's own view of the lease: ``leased_at`` is when (on this machine's
+    monotonic clock) the last successful renewal was sent, and the database cannot let the lease
+    expire before ``leased_at + lease``. Once ``(lease + interval) / 2`` has passed without a
+    successful renewal, :meth:`stop_reason` says stop, whether or not the thread itself is stuck in
+    a database call: half of the slack the heartbeat leaves is kept for the current step to end.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        job_id: str,
+        owner: str,
+        settings: Settings,
+        leased_at: float | None = None,
+    ) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
         self.sessions = sessions
         self.job_id = job_id
         self.owner = owner
         self.lease = settings.trainer.lease_seconds
         self.interval = settings.trainer.heartbeat_seconds
+        self.unrenewed_limit = (self.lease + self.interval) / 2
+        self.leased_at = time.monotonic() if leased_at is None else leased_at
         self.progress: dict[str, Any] = {}
         self.ended: jobs.LeaseState | None = None  # LOST or CANCELLED, once a renewal failed
+        self.expired = False  # no renewal succeeded in time: this worker gave the lease up on its own
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self.on_renewed: Callable[[], None] | None = None  # the worker's liveness file (trainer.liveness)
+
+    def _unrenewed(self) -> bool:
+        if not self.expired and time.monotonic() - self.leased_at > self.unrenewed_limit:
+            self.expired = True
+            self._stop_event.set()  # renew no more: training stops and another worker may take over
+            logger.warning(
+                "Job %s: the lease was not renewed for %.0f s (it expires after %d s); stopping before another "
+                "worker takes the job over (step %s)",
+                self.job_id, time.monotonic() - self.leased_at, self.lease, self.snapshot().get("step"),
+            )  # fmt: skip
+        return self.expired
 
     @property
     def lost(self) -> bool:
-        return self.ended is not None
+        return self.ended is not None or self._unrenewed()
 
     def stop_reason(self) -> str | None:
         """Why training must stop now (read by the trainer callback after every step), or None."""
@@ -86,14 +141,16 @@ class _Heartbeat(threading.Thread):
             return f"job {self.job_id} was cancelled"
         if self.ended is not None:
             return f"the lease on job {self.job_id} was lost"
+        if self._unrenewed():
+            return f"the lease on job {self.job_id} could not be renewed for {self.unrenewed_limit:g} s"
         return None
 
     def check(self) -> None:
-        """Raise JobCancelled or LeaseLost if a renewal found the job gone."""
+        """Raise JobCancelled or LeaseLost if a renewal found the job gone, or none succeeded in time."""
         if self.ended is jobs.LeaseState.CANCELLED:
             raise JobCancelled(self.job_id)
-        if self.ended is not None:
-            raise LeaseLost(self.job_id)
+        if self.ended is not None or self._unrenewed():
+            raise LeaseLost(self.stop_reason() or self.job_id)
 
     def update(self, info: dict[str, Any]) -> None:
         with self._lock:
@@ -104,11 +161,18 @@ class _Heartbeat(threading.Thread):
             return dict(self.progress)
 
     def beat(self) -> None:
+        if self._unrenewed():
+            return
         with self._lock:
             progress = dict(self.progress)
+        sent = time.monotonic()  # before the UPDATE: the database's expiry is later than sent + lease
         try:
             with transaction(self.sessions) as session:
-                if not jobs.heartbeat(session, self.job_id, self.owner, self.lease, progress):
+                if jobs.heartbeat(session, self.job_id, self.owner, self.lease, progress):
+                    self.leased_at = sent
+                    if self.on_renewed is not None:
+                        self.on_renewed()
+                else:
                     state = jobs.lease_state(session, self.job_id, self.owner)
                     if state is not jobs.LeaseState.HELD and self.ended is None:
                         self.ended = state
@@ -121,7 +185,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             self.beat()
-            if self.ended is not None:
+            if self.ended is not None or self.expired:
                 return
 
     def stop(self) -> None:
@@ -133,26 +197,31 @@ class Worker:
         self.settings = settings
         self.group = group  # the other ranks of an `accelerate launch`, led by this worker
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        check_lease_settings(settings)
         migrate.ensure_current(settings.resolved_database_url)
         self.engine = engine_for(settings)
         self.sessions = session_factory(self.engine)
         self.judge: TraitScorer | None = None  # datagen jobs' trait judge, set by the composition root
+        self.liveness: Liveness | None = None  # `big5 worker --liveness-file`: its own heartbeat, for a healthcheck
 
     # ------------------------------------------------------------------ loop
     def run(self, *, once: bool = False, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
         """Process jobs until stopped; returns how many were processed."""
         done = 0
         while max_jobs is None or done < max_jobs:
+            if self.liveness is not None:
+                self.liveness.touch()
             self._reap()
+            leased_at = time.monotonic()
             with transaction(self.sessions) as session:
                 job = jobs.claim_next(session, self.owner, self.settings.trainer.lease_seconds)
-                job_id = job.id if job else None
+                job_id, attempt = (job.id, job.attempts) if job else (None, 0)
             if job_id is None:
                 if once or exit_when_idle:
                     break
                 self._wait()
                 continue
-            self.process(job_id)
+            self.process(job_id, attempt=attempt, leased_at=leased_at)
             done += 1
             if once:
                 break
@@ -165,10 +234,12 @@ class Worker:
                 if jobs.get_job(session, job_id).state not in ("queued", "running"):
                     return
             self._reap()
+            leased_at = time.monotonic()
             with transaction(self.sessions) as session:
                 claimed = jobs.claim_next(session, self.owner, self.settings.trainer.lease_seconds, job_id)
+                attempt = claimed.attempts if claimed is not None else 0
             if claimed is not None:
-                self.process(job_id)
+                self.process(job_id, attempt=attempt, leased_at=leased_at)
             else:
                 self._wait()  # another worker holds it
 
@@ -186,14 +257,21 @@ class Worker:
         time.sleep(self.settings.trainer.poll_seconds)
 
     # ------------------------------------------------------------------ one job
-    def process(self, job_id: str) -> str:
+    def process(self, job_id: str, *, attempt: int | None = None, leased_at: float | None = None) -> str:
+        """Run the job this worker claimed as ``attempt`` (default: the row's current attempt count).
+
+        ``leased_at``: when the claim was sent (``time.monotonic()``), where the lease starts running.
+        """
         with self.sessions() as session:
             job = jobs.get_job(session, job_id)
-            raw_spec, result, attempt = dict(job.spec), dict(job.result or {}), job.attempts
+            raw_spec, result = dict(job.spec), dict(job.result or {})
+            attempt = job.attempts if attempt is None else attempt
         logger.info("Job %s: attempt %d by %s", job_id, attempt, self.owner)
         self._remove_staging_of(job_id, before_attempt=attempt)
         attempt_dir = self._job_checkpoints(job_id) / f"{ATTEMPT_PREFIX}{attempt}"
-        beat = _Heartbeat(self.sessions, job_id, self.owner, self.settings)
+        beat = _Heartbeat(self.sessions, job_id, self.owner, self.settings, leased_at)
+        if self.liveness is not None:
+            beat.on_renewed = functools.partial(self.liveness.touch, job_id)
         beat.update({"attempt": attempt, "phase": "loading data", "checkpoint_dir": str(attempt_dir)})
         with transaction(self.sessions) as session:
             jobs.start_attempt(session, job_id, self.owner, str(attempt_dir))
@@ -212,23 +290,24 @@ class Worker:
                 spec = TrainSpec.model_validate(raw_spec)
                 state = self._train_all(job_id, spec, result, beat, attempt, attempt_dir)
         except (DatasetError, DatagenError, ValidationError, registry.RegistryError) as exc:
-            state = self._fail(job_id, f"{type(exc).__name__}: {exc}", retryable=False)
+            state = self._fail(job_id, attempt, f"{type(exc).__name__}: {exc}", retryable=False)
         except RanksOutOfStep as exc:
             logger.exception("Job %s failed while the ranks trained together; ending the launch", job_id)
-            self._fail(job_id, f"{exc}: {exc.__cause__!r}\n{traceback.format_exc()}", retryable=True)
+            self._fail(job_id, attempt, f"{exc}: {exc.__cause__!r}\n{traceback.format_exc()}", retryable=True)
             raise
-        except LeaseLost:
-            logger.warning("Job %s: lease lost to another worker; abandoning this attempt", job_id)
+        except LeaseLost as exc:
+            logger.warning("Job %s: %s; abandoning attempt %d", job_id, exc, attempt)
             self._remove_staging_of(job_id, attempt=attempt)  # checkpoints stay: the new owner may resume
             state = "lost"
         except JobCancelled:
             logger.warning("Job %s: cancelled; nothing more is published", job_id)
-            self._remove_staging_of(job_id)
+            self._remove_staging_of(job_id, attempt=attempt)
             shutil.rmtree(self._job_checkpoints(job_id), ignore_errors=True)
             state = "cancelled"
         except Exception as exc:
             logger.exception("Job %s failed", job_id)
-            state = self._fail(job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", retryable=True)
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            state = self._fail(job_id, attempt, error, retryable=True)
         finally:
             beat.stop()
         logger.info("Job %s: %s", job_id, state)
@@ -322,6 +401,11 @@ class Worker:
                 beat.check()
                 raise LeaseLost(job_id)  # stopped on another rank's word: treat as lost
             traits = {target[0].value: target[1].value} if target else {c: "trained" for c in spec.conditions}
+            try:
+                beat.check()  # not renewed in time: another worker may hold the job by now; publish nothing
+            except (LeaseLost, JobCancelled):
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             with transaction(self.sessions) as session:
                 if not jobs.hold(session, job_id, self.owner):  # locks the row: a cancel now waits for us
                     shutil.rmtree(staged, ignore_errors=True)
@@ -381,12 +465,18 @@ class Worker:
     def _job_checkpoints(self, job_id: str) -> Path:
         return self.settings.data_dir / "checkpoints" / job_id
 
-    def _fail(self, job_id: str, error: str, *, retryable: bool) -> str:
-        with transaction(self.sessions) as session:
-            state = jobs.fail(session, job_id, self.owner, error, retryable=retryable)
+    def _fail(self, job_id: str, attempt: int, error: str, *, retryable: bool) -> str:
+        """Record the failure (if this worker still holds the job); remove this attempt's staging only.
+
+        Another worker may hold the job by now (this one's lease expired): its staging folder stays.
+        """
+        try:
+            with transaction(self.sessions) as session:
+                state = jobs.fail(session, job_id, self.owner, error, retryable=retryable)
+        finally:
+            self._remove_staging_of(job_id, attempt=attempt)
         if state == "failed":
             logger.warning("Job %s failed; its checkpoints (if any) stay in %s", job_id, self._job_checkpoints(job_id))
-        self._remove_staging_of(job_id)
         return state
 
     def _staging(self, job_id: str, attempt: int) -> Path:
@@ -412,30 +502,18 @@ class Worker:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the checkpoints in ``folder`` that were written to the end.
-
-    The Trainer writes ``trainer_state.json`` last, so a folder without it is a checkpoint cut short.
-    """
-    found: list[tuple[int, Path]] = []
-    if folder.is_dir():
-        for path in folder.glob("checkpoint-*"):
-            step = path.name.rsplit("-", 1)[-1]
-            if step.isdigit() and (path / "trainer_state.json").is_file():
-                found.append((int(step), path))
-    return sorted(found)
-
-
 def resume_point(job_checkpoints: Path, adapter: str, attempt: int) -> Path | None:
     """The newest complete checkpoint of ``adapter`` written by an attempt before ``attempt``.
 
-    The most recent attempt that got as far as a checkpoint wins (the step counts of earlier
-    attempts can only be lower or equal, since each resumed from its predecessor).
+    Complete: its marker was written (:mod:`trainer.checkpoints`); a newer checkpoint cut short is
+    skipped for the one before it. The most recent attempt that got as far as a complete checkpoint
+    wins (the step counts of earlier attempts can only be lower or equal, since each resumed from
+    its predecessor).
     """
     for number in range(attempt - 1, 0, -1):
-        found = _complete_checkpoints(job_checkpoints / f"{ATTEMPT_PREFIX}{number}" / adapter)
-        if found:
-            return found[-1][1]
+        newest = checkpoints.newest_complete(job_checkpoints / f"{ATTEMPT_PREFIX}{number}" / adapter)
+        if newest is not None:
+            return newest
     return None
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate
+from big5core import jobs, migrate, registry
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
 from big5core.modelstore import sha256_tree
@@ -198,3 +201,114 @@ def test_concurrent_publishers_of_one_name_get_distinct_versions(db_url: str, tm
         assert reported[marker] == row.version  # each version holds its own publisher's files
     assert sorted(p.name for p in (adapters_dir / "racy").iterdir()) == ["v1", "v2", "v3", "v4"]
     assert not list(adapters_dir.glob(".staging-*"))
+
+
+# ----------------------------------------------------------------------------- compare-and-set
+
+
+def test_fail_never_overwrites_a_cancel_that_lands_first(db_url: str, sessions: sessionmaker[Session]) -> None:
+    """A cancel committed just before a worker's fail() stays a cancel, on SQLite as on PostgreSQL.
+
+    The cancel runs from another connection at the instant fail() sends its UPDATE (a cursor hook on
+    the worker's engine: a timing device, the statements are real). On PostgreSQL a cancel that has
+    to wait for the worker's row lock is let through after fail() commits.
+    """
+    job_id = _queue(sessions)
+    assert _claim(sessions, "w1", job_id) is not None
+    worker_engine = make_engine(db_url)
+    other = make_engine(db_url)
+    cancelled: list[object] = []
+
+    def cancel_from_elsewhere() -> None:
+        with transaction(session_factory(other)) as session:
+            cancelled.append(jobs.cancel(session, job_id).state)
+
+    threads: list[threading.Thread] = []
+
+    def before(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if not threads and statement.lstrip().upper().startswith("UPDATE TRAINING_JOBS"):
+            thread = threading.Thread(target=cancel_from_elsewhere)
+            threads.append(thread)
+            thread.start()
+            thread.join(timeout=2)  # PostgreSQL before the fix: the cancel waits for the row lock
+
+    event.listen(worker_engine, "before_cursor_execute", before)
+    try:
+        with transaction(session_factory(worker_engine)) as session:
+            returned = jobs.fail(session, job_id, "w1", "boom", retryable=True)
+        assert threads, "fail() sent no UPDATE"
+        threads[0].join(timeout=30)
+    finally:
+        worker_engine.dispose()
+        other.dispose()
+    assert cancelled == [JobState.CANCELLED]
+    with sessions() as session:
+        job = session.get(TrainingJob, job_id)
+        assert job is not None and job.state == JobState.CANCELLED, (job and job.state, returned)
+    assert returned in ("cancelled", "queued")  # queued: PostgreSQL's cancel waited for fail()'s commit
+
+
+def test_fail_requeues_or_fails_by_attempts(sessions: sessionmaker[Session]) -> None:
+    job_id = _queue(sessions, max_attempts=2)
+    assert _claim(sessions, "w1", job_id) is not None
+    with transaction(sessions) as session:
+        assert jobs.fail(session, job_id, "w2", "not mine", retryable=True) == "lost"
+        assert jobs.fail(session, job_id, "w1", "boom", retryable=True) == JobState.QUEUED
+    assert _claim(sessions, "w1", job_id) is not None
+    with transaction(sessions) as session:
+        assert jobs.fail(session, job_id, "w1", "boom again", retryable=True) == JobState.FAILED
+        job = session.get(TrainingJob, job_id)
+        assert job is not None and job.state == JobState.FAILED and job.finished_at is not None
+        assert job.error == "boom again" and job.lease_expires_at is None
+
+
+# ----------------------------------------------------------------------------- durable publish
+
+
+def _stage_adapter(adapters_dir: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    staged = registry.staging_dir(adapters_dir)
+    weights = {"base_model.model.layers.0.q_proj.lora_A.weight": np.ones((8, 16), dtype=np.float32)}
+    save_file(weights, str(staged / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (staged / "adapter_config.json").write_text(json.dumps(config))
+    return staged
+
+
+def test_publish_fsyncs_files_then_folder_then_renames_then_fsyncs_the_parent(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the row can commit: every file, then the staged folder, rename, then the new parent.
+
+    os.fsync is wrapped (it still runs) to record what was fsynced, by inode, and whether the final
+    folder existed yet; a power cut cannot be staged in a test.
+    """
+    adapters_dir = tmp_path / "adapters"
+    staged = _stage_adapter(adapters_dir)
+    inode = {p.name: p.stat().st_ino for p in [staged, *staged.iterdir()]}
+    final = adapters_dir / "durable" / "v1"
+    calls: list[tuple[int, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        calls.append((os.fstat(fd).st_ino, final.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with transaction(sessions) as session:
+        adapter = registry.publish(
+            session, staged, adapters_dir, name="durable", base_model="m", method="sft", layout="per-trait",
+            traits={"openness": "high"},
+        )  # fmt: skip
+        synced = list(calls)  # all before the commit
+    order = [ino for ino, _ in synced]
+    files = [inode[name] for name in registry.ADAPTER_FILES]
+    assert all(ino in order for ino in files), synced
+    folder_at = order.index(inode[staged.name])
+    assert all(order.index(ino) < folder_at for ino in files), "files before their folder"
+    assert not synced[folder_at][1], "the staged folder before the rename"
+    parent = final.parent.stat().st_ino
+    assert (parent, True) in synced[folder_at:], "the new entry's folder after the rename"
+    assert (adapters_dir.stat().st_ino, True) in synced[folder_at:], "the folder the staging left"
+    assert Path(adapter.path) == final.resolve() and adapter.sha256 == sha256_tree(final)
