@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -125,10 +126,11 @@ def compose_adapters(
     ``parts`` are (adapter folder, weight) pairs; weights may be negative or fractional.
     ``part_meta`` (one mapping per part, e.g. ``{"adapter": "name@3", "sha256": ...}``) is recorded
     with the path and weight in ``composition.json``. The folder appears atomically: written in a
-    temporary sibling and moved into place with ``os.replace`` (an existing ``out_dir`` is replaced).
+    temporary sibling, fsynced, and moved into place with ``os.replace`` (an existing ``out_dir`` is
+    replaced); a failure (a full disk) removes the sibling, so no half-written folder is ever visible.
     """
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if not parts:
         raise CompositionError("nothing to compose: no parts")
@@ -206,19 +208,52 @@ def compose_adapters(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".compose-", dir=out_dir.parent))
     try:
-        save_file(out, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        _save(out, staging / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _fsync_folder(staging)  # on disk before the folder appears under its name (a crash leaves no torn files)
         if out_dir.exists():  # replace: move the old folder aside first (rename needs an empty target)
             trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(staging, out_dir)
+        _fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("Composed %d adapters (rank %d, %d modules) into %s", len(parts), total_rank, len(names), out_dir)
     return out_dir
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, its I/O failures raised as the OSError they are (a full disk: ENOSPC)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors' Rust error carries the OS error only in its text
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, f"{os.strerror(code)}: writing {path.name}") from exc
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync every file of ``folder``, then the folder itself."""
+    for path in folder.iterdir():
+        if path.is_file():
+            _fsync_path(path)
+    _fsync_path(folder)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

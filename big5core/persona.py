@@ -20,14 +20,16 @@ explicit). Errors are domain exceptions; the service maps them to HTTP problems.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -36,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core import registry
-from big5core.compose_cache import COMPOSED_PREFIX, ComposedCache
+from big5core.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
 from big5core.errors import Invalid, NotFound
 from big5core.models import Adapter
 from big5core.prompts import (
@@ -212,6 +214,8 @@ class ResolvedPersona:
     base_model: str | None = None
     system: str | None = None
     """a unified adapter trained with its instruction as the system turn gets it there"""
+    hold: Hold | None = field(default=None, compare=False, repr=False)
+    """a composed adapter's use of its folder, ended by :meth:`PersonaResolver.release`"""
 
     @property
     def composed(self) -> bool:
@@ -300,7 +304,11 @@ class PersonaResolver:
         self._base = base_model_id
         self._demo_examples = demo_examples
         self._step = settings.service.composition_step
-        self._cache = ComposedCache(settings.adapters_dir / COMPOSED_DIRNAME, settings.service.composed_cache_size)
+        self._cache = ComposedCache(
+            settings.adapters_dir / COMPOSED_DIRNAME,
+            settings.service.composed_cache_size,
+            max_bytes=settings.service.composed_max_bytes,
+        )
         self.composed_dir = self._cache.root
         self.stats = self._cache.stats  # composed_hits, composed_misses
         self._lock = threading.Lock()  # guards the small caches below, never held during I/O
@@ -308,8 +316,36 @@ class PersonaResolver:
         self._demo_prefixes: dict[tuple[Trait, Level], tuple[str, tuple[dict[str, Any], ...]]] = {}
 
     def release_composed(self, name: str) -> None:
-        """The engine unloaded composed adapter ``name``: the shared cache may evict its folder."""
+        """End one use of composed adapter ``name`` (prefer :meth:`release`, which ends each use once)."""
         self._cache.release(name)
+
+    def release(self, persona: ResolvedPersona) -> None:
+        """The caller no longer uses ``persona``'s files: its composed folder may be evicted. Idempotent."""
+        if persona.hold is not None:
+            persona.hold.release()
+
+    @contextlib.contextmanager
+    def holding(self, spec: PersonaSpec) -> Iterator[ResolvedPersona]:
+        """:meth:`resolve`, released when the block ends however it ends."""
+        persona = self.resolve(spec)
+        try:
+            yield persona
+        finally:
+            self.release(persona)
+
+    async def aresolve(self, spec: PersonaSpec) -> ResolvedPersona:
+        """:meth:`resolve` in a worker thread (it may compose). A caller cancelled meanwhile (a timeout, a
+        client gone) never sees the result: its folder is released as soon as the thread is done with it."""
+        future = asyncio.get_running_loop().run_in_executor(None, self.resolve, spec)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_done)
+            raise
+
+    def _release_done(self, future: asyncio.Future[ResolvedPersona]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release(future.result())
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -319,7 +355,13 @@ class PersonaResolver:
         return self._settings
 
     def resolve(self, spec: PersonaSpec) -> ResolvedPersona:
-        """What generation applies for ``spec`` on this resolver's base model (which it records)."""
+        """What generation applies for ``spec`` on this resolver's base model (which it records).
+
+        A composed adapter's folder is held (never evicted, by any process sharing the cache) until
+        :meth:`release`; every caller must release what it resolved (:meth:`holding` does), or the
+        folders it held stay until the process exits. Raises ``ComposedStorageFull`` (503) when the
+        composed adapters' disk budget has no room for a new one.
+        """
         return dataclasses.replace(self._resolve(spec), base_model=self._base)
 
     def _resolve(self, spec: PersonaSpec) -> ResolvedPersona:
@@ -506,7 +548,8 @@ class PersonaResolver:
             [(Path(info.path), weight) for info, weight in found],
             [{"adapter": info.ref, "sha256": info.sha256} for info, _ in found],
         )
-        return ResolvedPersona(method, _plain(traits), TemplateId.PLAIN, key, None, name, path, parts)
+        hold = Hold(self._cache, name)
+        return ResolvedPersona(method, _plain(traits), TemplateId.PLAIN, key, None, name, path, parts, hold=hold)
 
 
 def _plain(traits: Mapping[Trait, float]) -> dict[str, float]:

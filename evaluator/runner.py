@@ -12,6 +12,7 @@ other requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -76,8 +77,18 @@ class AssessmentRunner:
         return len(instrument.items) * request.runs
 
     def prepare(self, request: AssessRequest) -> tuple[str, ResolvedPersona, Instrument]:
-        """Validate and resolve (raising domain errors) and create the queued row; returns its id."""
+        """Validate and resolve (raising domain errors) and create the queued row; returns its id.
+
+        The persona comes back held (a composed adapter's folder): :meth:`run` releases it when it ends.
+        """
         resolved = self.resolver.resolve(request.persona)
+        try:
+            return self._create(request, resolved)
+        except BaseException:
+            self.resolver.release(resolved)
+            raise
+
+    def _create(self, request: AssessRequest, resolved: ResolvedPersona) -> tuple[str, ResolvedPersona, Instrument]:
         options = request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"})
         turns: dialogue.DialogueSet | None = None
         if request.inventory == dialogue.DIALOGUE_INVENTORY:
@@ -129,12 +140,30 @@ class AssessmentRunner:
                     raise
 
     async def submit(self, request: AssessRequest) -> str:
-        """Prepare (in a thread), then run in the background on the current event loop."""
-        assessment_id, resolved, inventory = await asyncio.to_thread(self.prepare, request)
+        """Prepare (in a thread), then run in the background on the current event loop.
+
+        A caller cancelled while the thread prepares (the client went away) leaves nothing behind: the
+        row it created is marked failed and the persona released once the thread is done.
+        """
+        prepared = asyncio.get_running_loop().run_in_executor(None, functools.partial(self.prepare, request))
+        try:
+            assessment_id, resolved, inventory = await asyncio.shield(prepared)
+        except asyncio.CancelledError:
+            prepared.add_done_callback(self._abandon)
+            raise
         task = asyncio.get_running_loop().create_task(self.run(assessment_id, request, resolved, inventory))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return assessment_id
+
+    def _abandon(self, prepared: asyncio.Future[tuple[str, ResolvedPersona, Instrument]]) -> None:
+        """A prepared assessment nobody will run (its submitter was cancelled): fail it, release its persona."""
+        if prepared.cancelled() or prepared.exception() is not None:
+            return
+        assessment_id, resolved, _ = prepared.result()
+        self.resolver.release(resolved)
+        error = "cancelled: the request that created it was cancelled"
+        asyncio.get_running_loop().run_in_executor(None, self._fail, assessment_id, error)  # off the event loop
 
     async def run(
         self,
@@ -143,6 +172,20 @@ class AssessmentRunner:
         resolved: ResolvedPersona,
         inventory: Instrument,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Administer and store; the persona (held by :meth:`prepare`) is released when it ends, however it ends."""
+        try:
+            await self._run(assessment_id, request, resolved, inventory, on_progress)
+        finally:
+            self.resolver.release(resolved)
+
+    async def _run(
+        self,
+        assessment_id: str,
+        request: AssessRequest,
+        resolved: ResolvedPersona,
+        inventory: Instrument,
+        on_progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         try:
             await asyncio.to_thread(self._in_transaction, store.mark_running, assessment_id)

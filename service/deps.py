@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from big5core.engine import EngineNotReady
+from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.runner import AssessmentRunner
 from service.errors import Forbidden, Unauthorized
 from service.serving import GenerationService
@@ -64,6 +65,11 @@ def get_runner(state: StateDep) -> AssessmentRunner:
     if not state.engine.ready:
         raise EngineNotReady(state.engine.error or "the engine is starting")
     return state.runner
+
+
+def get_reasoning_runner(state: StateDep) -> ReasoningRunner:
+    """The reasoning runner built by the lifespan (its routes check the engine where they need it)."""
+    return state.reasoning
 
 
 # ---------------------------------------------------------------- authentication

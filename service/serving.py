@@ -8,9 +8,11 @@ different personas in flight at once share the engine's batch: each carries its 
 Every call is admitted first (:class:`~service.state.Admission`) and bounded by
 ``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
 
+A composed adapter's folder is held on disk from resolve to the end of the request, on every path
+(served, refused as too long, timed out, failed, cancelled), then the shared cache may evict it.
 Composed adapters (one per trait vector asked for) stay loaded in the engine up to a bound
 (:class:`~big5core.compose_cache.Residency`): beyond it the least recently used one that no request is
-using is unloaded from the engine and released on disk, so the shared composed cache may evict it.
+using is unloaded from the engine.
 """
 
 from __future__ import annotations
@@ -180,7 +182,17 @@ class GenerationService:
     async def prepare(
         self, spec: PersonaSpec, messages: list[ChatMessage], sampling: SamplingOptions, request_id: str
     ) -> Prepared:
-        persona = await asyncio.to_thread(self.resolver.resolve, spec)
+        """Resolve and check; the caller releases the result (:meth:`_release`), or nothing is held on failure."""
+        persona = await self.resolver.aresolve(spec)
+        try:
+            return await self._checked(persona, messages, sampling, request_id)
+        except BaseException:
+            self.resolver.release(persona)
+            raise
+
+    async def _checked(
+        self, persona: ResolvedPersona, messages: list[ChatMessage], sampling: SamplingOptions, request_id: str
+    ) -> Prepared:
         final = persona.apply(messages)
         prompt_tokens = await asyncio.to_thread(self._count, final)
         limit = self.engine.max_model_len
@@ -215,19 +227,19 @@ class GenerationService:
         return handle
 
     def _release(self, prepared: Prepared) -> None:
-        """The request that used ``prepared`` is over (its composed adapter may be unloaded later)."""
+        """The request that used ``prepared`` is over: its composed adapter may be unloaded, its folder evicted."""
         name = prepared.persona.adapter_name
         if name is not None and name.startswith(COMPOSED_PREFIX):
             self.resident.release(name)
+        self.resolver.release(prepared.persona)
 
     async def _unload(self, name: str) -> None:
-        """Unload an idle composed adapter from the engine, then let the shared cache evict its folder."""
+        """Unload an idle composed adapter from the engine (its folder is held only by requests using it)."""
         try:
             await self.engine.remove_lora(name)
         except Exception:  # e.g. the engine is restarting: it comes back without it or reloads it from disk
-            logger.warning("could not unload composed adapter %s; its folder stays held", name, exc_info=True)
+            logger.warning("could not unload composed adapter %s", name, exc_info=True)
             return
-        self.resolver.release_composed(name)
         logger.info("Unloaded composed adapter %s (more than %d loaded)", name, self.resident.capacity)
 
     async def _next_chunk(

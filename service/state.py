@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from big5core.engine import PersonaEngine
 from big5core.settings import Settings
 from big5core.stack import Stack
+from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.runner import AssessmentRunner
 from service.errors import QueueFull
 from service.metrics import ServiceMetrics
@@ -45,11 +46,21 @@ class Admission:
     """At most ``limit`` generation/assessment requests in flight; beyond that :class:`QueueFull`.
 
     No waiting line: a request that cannot be admitted is answered 503 + Retry-After at once, so a
-    burst never piles up behind a slow engine until clients time out.
+    burst never piles up behind a slow engine until clients time out. ``what`` names the requests in
+    the problem's detail, ``reason`` labels the rejection in the metrics.
     """
 
-    def __init__(self, limit: int, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        metrics: ServiceMetrics | None = None,
+        *,
+        what: str = "generation/assessment/reasoning requests",
+        reason: str = "queue_full",
+    ) -> None:
         self.limit = limit
+        self.what = what
+        self.reason = reason
         self._metrics = metrics
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -67,8 +78,8 @@ class Admission:
                 self._in_flight += 1
         if full:
             if self._metrics is not None:
-                self._metrics.observe_rejection("queue_full")
-            raise QueueFull(f"{self.limit} generation/assessment requests are in flight; retry shortly")
+                self._metrics.observe_rejection(self.reason)
+            raise QueueFull(f"{self.limit} {self.what} are in flight; retry shortly")
         return Slot(self)
 
     def _release(self) -> None:
@@ -76,37 +87,51 @@ class Admission:
             self._in_flight -= 1
 
 
-class AdmittedRunner(AssessmentRunner):
-    """The evaluator's runner, with each background assessment holding an admission slot."""
+class _Admitted:
+    """A background runner whose every run holds an admission slot, and one of ``runs`` when given,
+    from its submission to its end (:class:`QueueFull` when either is full)."""
 
-    def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, admission: Admission, runs: Admission | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.admission = admission
-        self._slots: dict[str, Slot] = {}
+        self.runs = runs
+        self._slots: dict[str, list[Slot]] = {}
 
-    async def submit(self, request: Any) -> str:
-        slot = self.admission.acquire()
+    async def submit(self, request: Any, **kwargs: Any) -> str:
+        slots: list[Slot] = []
         try:
-            assessment_id = await super().submit(request)
+            if self.runs is not None:
+                slots.append(self.runs.acquire())
+            slots.append(self.admission.acquire())
+            run_id: str = await super().submit(request, **kwargs)  # type: ignore[misc]
         except BaseException:
-            slot.release()
+            for slot in slots:
+                slot.release()
             raise
-        self._slots[assessment_id] = slot
-        return assessment_id
+        self._slots[run_id] = slots
+        return run_id
 
-    async def run(self, assessment_id: str, *args: Any, **kwargs: Any) -> None:
+    async def run(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            await super().run(assessment_id, *args, **kwargs)
+            return await super().run(run_id, *args, **kwargs)  # type: ignore[misc]
         finally:
-            slot = self._slots.pop(assessment_id, None)
-            if slot is not None:
+            for slot in self._slots.pop(run_id, ()):
                 slot.release()
 
     async def drain(self) -> None:
-        await super().drain()
-        for slot in self._slots.values():
-            slot.release()
+        await super().drain()  # type: ignore[misc]
+        for slots in self._slots.values():
+            for slot in slots:
+                slot.release()
         self._slots.clear()
+
+
+class AdmittedRunner(_Admitted, AssessmentRunner):
+    """The evaluator's assessment runner, each background assessment holding an admission slot."""
+
+
+class AdmittedReasoningRunner(_Admitted, ReasoningRunner):
+    """The reasoning runner, each run holding an admission slot and one of ``max_reasoning_runs``."""
 
 
 @dataclass
@@ -115,6 +140,7 @@ class ServiceState:
     stack: Stack
     engine: PersonaEngine
     runner: AdmittedRunner
+    reasoning: AdmittedReasoningRunner
     serving: GenerationService
     admission: Admission
     metrics: ServiceMetrics

@@ -1,22 +1,22 @@
 """HTTP routes of the reasoning evaluation; the service mounts them with its own dependencies.
 
-POST /v1/reasoning (202), GET /v1/reasoning[/{id}[/items]], POST /v1/reasoning/compare.
+POST /v1/reasoning (202), POST /v1/reasoning/{id}/cancel, GET /v1/reasoning[/{id}[/items]],
+POST /v1/reasoning/compare. The runner is the service's (built by its lifespan, which drains it).
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the Annotated aliases built inside build_router.
 import asyncio
-import threading
 from collections.abc import Callable
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
-from big5core.engine import EngineNotReady, PersonaEngine
+from big5core.engine import EngineNotReady
+from big5core.errors import Conflict
 from big5core.models import ReasoningRun
-from big5core.stack import Stack
 from evaluator.reasoning import report, store
-from evaluator.reasoning.runner import ReasoningRunner
+from evaluator.reasoning.runner import CANCELLED_BY_CLIENT, ReasoningRunner
 from evaluator.reasoning.schemas import (
     ReasoningAccepted,
     ReasoningCompareRequest,
@@ -25,15 +25,13 @@ from evaluator.reasoning.schemas import (
     ReasoningRunOut,
     UnitOut,
 )
-from evaluator.reasoning.settings import get_reasoning_settings
 from evaluator.schemas import public_progress
 
 
-class HasStack(Protocol):
-    """What the routes need from the service's state."""
+class ReasoningRunFinished(Conflict):
+    """The run is done or failed already: nothing to cancel."""
 
-    stack: Stack
-    engine: PersonaEngine
+    code, title = "reasoning-run-finished", "The reasoning run has finished"
 
 
 def run_out(run: ReasoningRun) -> ReasoningRunOut:
@@ -54,37 +52,38 @@ def run_out(run: ReasoningRun) -> ReasoningRunOut:
 
 
 def build_router(
-    get_state: Callable[..., HasStack],
+    get_runner: Callable[..., ReasoningRunner],
     get_session: Callable[..., Any],
     require_client: Callable[..., Any],
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["reasoning"], dependencies=[Depends(require_client)])
-    runners: dict[int, tuple[HasStack, ReasoningRunner]] = {}  # per service state (one per app lifespan)
-    lock = threading.Lock()
-
-    def get_runner(state: Annotated[HasStack, Depends(get_state)]) -> ReasoningRunner:
-        if not state.engine.ready:
-            raise EngineNotReady(state.engine.error or "the engine is starting")
-        with lock:
-            held = runners.get(id(state))
-            if held is None or held[0] is not state:
-                runner = ReasoningRunner(
-                    state.stack.sessions, state.stack.resolver, state.engine, get_reasoning_settings()
-                )
-                runner.sweep()  # runs a crashed process left behind end failed (their units stay)
-                runners.clear()
-                runners[id(state)] = held = (state, runner)
-        return held[1]
-
     RunnerDep = Annotated[ReasoningRunner, Depends(get_runner)]
     SessionDep = Annotated[Session, Depends(get_session)]
 
     @router.post("/reasoning", status_code=status.HTTP_202_ACCEPTED, response_model=ReasoningAccepted)
     async def start(body: ReasoningRequest, runner: RunnerDep, response: Response) -> ReasoningAccepted:
-        """Evaluate personas on reasoning tasks in the background; poll GET /v1/reasoning/{id}."""
+        """Evaluate personas on reasoning tasks in the background; poll GET /v1/reasoning/{id}.
+
+        Admitted like an assessment (503 server-busy beyond the service's limits, among them
+        ``max_reasoning_runs`` runs at once); 503 engine-not-ready while the engine cannot run it."""
+        if not runner.engine.ready:
+            raise EngineNotReady(runner.engine.error or "the engine is starting")
         accepted = ReasoningAccepted.queued("/v1/reasoning", await runner.submit(body))
         response.headers["Location"] = accepted.links["self"]
         return accepted
+
+    @router.post("/reasoning/{run_id}/cancel", response_model=ReasoningRunOut)
+    async def cancel(run_id: str, runner: RunnerDep, session: SessionDep) -> ReasoningRunOut:
+        """Stop a queued or running run: it ends failed ("cancelled by a client"), its stored units stay
+        (``big5 reason --resume`` finishes it). Cancelling a cancelled run changes nothing; a run that
+        finished otherwise is a 409. A run another replica runs stops at its next heartbeat."""
+        store.get(session, run_id)  # 404 for an unknown run
+        changed = await runner.cancel(run_id)
+        session.expire_all()
+        run = store.get(session, run_id)
+        if not changed and run.error != CANCELLED_BY_CLIENT:
+            raise ReasoningRunFinished(f"reasoning run {run_id} is {run.state} already; it cannot be cancelled")
+        return run_out(run)
 
     @router.get("/reasoning/{run_id}", response_model=ReasoningRunOut)
     def get_run(run_id: str, session: SessionDep) -> ReasoningRunOut:

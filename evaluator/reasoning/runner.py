@@ -6,6 +6,11 @@ fails or is killed midway keeps its stored units: :meth:`ReasoningRunner.run` on
 only the missing ones (``big5 reason --resume ID``), and the service's sweep marks runs whose process
 stopped beating failed. Units run on a thread pool (lm-eval is synchronous), all on ONE engine: their
 requests meet in its batches (multi-LoRA), and the units of a task are scheduled together.
+
+A run is cancelled (:meth:`ReasoningRunner.cancel`, or the service's shutdown) by cancelling its task:
+the engine calls its units have in flight are cancelled too (which aborts them in the engine), no
+further unit starts, and it ends failed. A run cancelled by another replica (its row no longer
+running) is noticed at the next heartbeat. Composed adapters are held from the run's start to its end.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +50,8 @@ STALE_AFTER = timedelta(minutes=10)
 HEARTBEAT_SECONDS = 30.0
 
 Evaluate = Callable[..., "UnitResult"]
+T = TypeVar("T")
+CANCELLED_BY_CLIENT = "cancelled by a client"
 
 
 class ReasoningRunner:
@@ -68,6 +75,7 @@ class ReasoningRunner:
         self.evaluate = evaluate
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._tasks: set[asyncio.Task[None]] = set()
+        self._by_id: dict[str, asyncio.Task[Any]] = {}  # runs of this runner in progress
         self._progress_lock = threading.Lock()
 
     # ------------------------------------------------------------ create
@@ -78,10 +86,10 @@ class ReasoningRunner:
         keys: list[str] = []
         reports: dict[str, Any] = {}
         for spec in request.specs():
-            resolved = self.resolver.resolve(spec)
-            if resolved.key not in reports:
-                keys.append(resolved.key)
-                reports[resolved.key] = resolved.report()
+            with self.resolver.holding(spec) as resolved:  # checked now; the run resolves (and holds) again
+                if resolved.key not in reports:
+                    keys.append(resolved.key)
+                    reports[resolved.key] = resolved.report()
         options = {
             "apply_chat_template": request.apply_chat_template,
             "max_gen_toks": request.max_gen_toks or self.settings.max_gen_toks,
@@ -101,12 +109,49 @@ class ReasoningRunner:
             return run.id
 
     async def submit(self, request: ReasoningRequest) -> str:
-        """Prepare (in a thread), then run in the background on the current event loop."""
-        run_id = await asyncio.to_thread(self.prepare, request)
-        task = asyncio.get_running_loop().create_task(self.run(run_id))
+        """Prepare (in a thread), then run in the background on the current event loop.
+
+        A caller cancelled while the thread prepares leaves no queued run behind: it is marked failed.
+        """
+        loop = asyncio.get_running_loop()
+        prepared = loop.run_in_executor(None, self.prepare, request)
+        try:
+            run_id = await asyncio.shield(prepared)
+        except asyncio.CancelledError:
+            prepared.add_done_callback(self._abandon)
+            raise
+        task = loop.create_task(self.run(run_id))
         self._tasks.add(task)
+        self._by_id[run_id] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._by_id.pop(run_id, None))
         return run_id
+
+    def _abandon(self, prepared: asyncio.Future[str]) -> None:
+        if not prepared.cancelled() and prepared.exception() is None:
+            reason = "cancelled: the request that created it was cancelled"
+            asyncio.get_running_loop().run_in_executor(None, self._fail, prepared.result(), reason)
+
+    # ------------------------------------------------------------ cancel
+
+    def running(self, run_id: str) -> bool:
+        """Whether this runner is running ``run_id`` now."""
+        return run_id in self._by_id
+
+    async def cancel(self, run_id: str, reason: str = CANCELLED_BY_CLIENT) -> bool:
+        """Mark the run failed with ``reason`` (if queued or running) and stop it if it runs here.
+
+        True when the row changed. A run another process runs stops at that runner's next heartbeat.
+        """
+        changed = await asyncio.to_thread(self._mark_failed, run_id, reason)
+        task = self._by_id.get(run_id)
+        if task is not None:
+            task.cancel()
+        return changed
+
+    def _mark_failed(self, run_id: str, reason: str) -> bool:
+        with transaction(self.sessions) as session:
+            return store.fail(session, run_id, reason)
 
     # ------------------------------------------------------------ run
 
@@ -123,6 +168,24 @@ class ReasoningRunner:
             return ReasoningState.FAILED
 
     async def _run(self, run_id: str, on_unit: Callable[[UnitResult], None] | None) -> str:
+        engine = _RunEngine(self.engine)
+        held: list[ResolvedPersona] = []
+        try:
+            return await self._evaluate(run_id, on_unit, engine, held)
+        except asyncio.CancelledError:
+            engine.cancel()  # the units' engine calls in flight end now; their threads then finish
+            raise
+        finally:
+            for resolved in held:
+                self.resolver.release(resolved)
+
+    async def _evaluate(
+        self,
+        run_id: str,
+        on_unit: Callable[[UnitResult], None] | None,
+        engine: _RunEngine,
+        held: list[ResolvedPersona],
+    ) -> str:
         with self.sessions() as session:
             run = store.get(session, run_id)
             keys, names, limit, options = list(run.personas), list(run.tasks), run.item_limit, dict(run.options)
@@ -131,9 +194,11 @@ class ReasoningRunner:
         todo = [(t, k) for t in tasks for k in keys if (t.name, k) not in done]  # task-major: a task's units together
         progress: dict[str, Any] = {"units_done": len(done), "units": len(keys) * len(tasks)}
         await asyncio.to_thread(self._in_transaction, store.mark_running, run_id, self._beat(progress))
-        models = await self._models(keys)
+        models = await self._models(keys, engine, held)
         stop = asyncio.Event()
-        beating = asyncio.create_task(self._keep_beating(run_id, progress, stop))
+        current = asyncio.current_task()
+        assert current is not None
+        beating = asyncio.create_task(self._keep_beating(run_id, progress, stop, current))
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(self.settings.concurrency, len(todo))), thread_name_prefix="reason"
         )
@@ -143,11 +208,15 @@ class ReasoningRunner:
                 loop.run_in_executor(pool, self._unit, run_id, models[key], info, limit, options, progress, on_unit)
                 for info, key in todo
             ]
-            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            try:
+                outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            except asyncio.CancelledError:
+                engine.cancel()
+                raise
         finally:
             stop.set()
             await beating
-            pool.shutdown(wait=True, cancel_futures=True)
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)  # never on the event loop
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             first = errors[0]
@@ -159,16 +228,18 @@ class ReasoningRunner:
         logger.info("Reasoning run %s done (%d units evaluated now)", run_id, len(todo))
         return ReasoningState.DONE
 
-    async def _models(self, keys: list[str]) -> dict[str, Big5LM]:
+    async def _models(self, keys: list[str], engine: _RunEngine, held: list[ResolvedPersona]) -> dict[str, Big5LM]:
+        """One lm-eval model per persona on ``engine``; each resolved persona is appended to ``held``."""
         from evaluator.reasoning.lm import Big5LM
 
         models: dict[str, Big5LM] = {}
         for key in keys:
-            resolved: ResolvedPersona = await asyncio.to_thread(self.resolver.resolve, PersonaSpec.from_model_name(key))
+            resolved = await self.resolver.aresolve(PersonaSpec.from_model_name(key))
+            held.append(resolved)
             lora = None
             if resolved.adapter_name is not None and resolved.adapter_path is not None:
                 lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)
-            models[key] = Big5LM(engine=self.engine, resolved=resolved, lora=lora)
+            models[key] = Big5LM(engine=cast(PersonaEngine, engine), resolved=resolved, lora=lora)
         return models
 
     def _unit(
@@ -200,7 +271,10 @@ class ReasoningRunner:
 
     # ------------------------------------------------------------ liveness
 
-    async def _keep_beating(self, run_id: str, progress: dict[str, Any], stop: asyncio.Event) -> None:
+    async def _keep_beating(
+        self, run_id: str, progress: dict[str, Any], stop: asyncio.Event, run: asyncio.Task[Any]
+    ) -> None:
+        """Refresh the heartbeat; stop the run (cancel ``run``) once its row is no longer running."""
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.heartbeat_seconds)
@@ -209,8 +283,18 @@ class ReasoningRunner:
                     beat = self._beat(progress)
                 try:
                     await asyncio.to_thread(self._in_transaction, store.set_progress, run_id, beat)
+                    state = await asyncio.to_thread(self._state, run_id)
                 except Exception:
                     logger.warning("heartbeat of reasoning run %s failed", run_id, exc_info=True)
+                    continue
+                if state != ReasoningState.RUNNING:
+                    logger.info("Reasoning run %s is %s (cancelled elsewhere): stopping it", run_id, state)
+                    run.cancel()
+                    return
+
+    def _state(self, run_id: str) -> str | None:
+        with self.sessions() as session:
+            return session.scalar(select(ReasoningRun.state).where(ReasoningRun.id == run_id))
 
     def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
         return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
@@ -259,3 +343,56 @@ class ReasoningRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _RunEngine:
+    """The engine as one run's units see it: every call it has in flight can be cancelled with the run.
+
+    The units run lm-eval in worker threads, each engine call on an event loop of its thread;
+    :meth:`cancel` cancels those calls on their loops (the engine aborts their requests), and every
+    later call raises ``CancelledError`` at once. Anything else is the engine's own attribute.
+    """
+
+    def __init__(self, engine: PersonaEngine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._calls: set[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = set()
+        self._cancelled = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            calls = list(self._calls)
+        for loop, task in calls:
+            loop.call_soon_threadsafe(task.cancel)
+
+    async def _guarded(self, call: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.current_task()
+        entry = (asyncio.get_running_loop(), task)
+        with self._lock:
+            cancelled = self._cancelled
+            if not cancelled and task is not None:
+                self._calls.add(entry)  # type: ignore[arg-type]
+        if cancelled:
+            call.close()
+            raise asyncio.CancelledError("the reasoning run was cancelled")
+        try:
+            return await call
+        finally:
+            with self._lock:
+                self._calls.discard(entry)  # type: ignore[arg-type]
+
+    async def next_token_logprobs(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._guarded(self._engine.next_token_logprobs(*args, **kwargs))
+
+    async def continuation_logprobs(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._guarded(self._engine.continuation_logprobs(*args, **kwargs))
+
+    async def generate_ids(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._guarded(self._engine.generate_ids(*args, **kwargs))
+
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._guarded(self._engine.generate(*args, **kwargs))

@@ -116,12 +116,14 @@ def complete(session: Session, run_id: str, expected_units: int) -> bool:
     return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def fail(session: Session, run_id: str, error: str) -> None:
-    session.execute(
+def fail(session: Session, run_id: str, error: str) -> bool:
+    """Mark a queued or running run failed; False when it was neither (left as it is)."""
+    failed = session.execute(
         update(ReasoningRun)
         .where(ReasoningRun.id == run_id, ReasoningRun.state.in_([ReasoningState.QUEUED, ReasoningState.RUNNING]))
         .values(state=ReasoningState.FAILED, error=error[-4000:], finished_at=utcnow())
     )
+    return bool(failed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def items(

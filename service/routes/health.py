@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from big5core.engine import EngineNotReady
 from service.deps import MaybeStateDep, StateDep
-from service.schemas import HealthOut
+from service.errors import PROBLEM_MEDIA_TYPE, problem_body
+from service.middleware import current_request_id
+from service.schemas import HealthOut, problems
+from service.supervisor import EngineLost
 
 router = APIRouter(tags=["operations"])
 
@@ -16,30 +20,50 @@ router = APIRouter(tags=["operations"])
 @router.get(
     "/health",
     response_model=HealthOut,
-    responses={503: {"model": HealthOut, "description": "The engine failed (or, with ready=true, is not ready)."}},
+    responses={
+        503: {
+            **problems(503)[503],
+            "description": "Not ready: engine-not-ready (loading, restarting) or engine-lost (error: the process is "
+            "about to exit), with Retry-After; the HealthOut fields ride along, its status as `state`.",
+        }
+    },
 )
 def health(
+    request: Request,
     state: MaybeStateDep,
-    ready: Annotated[bool, Query(description="Answer 503 unless the engine is ready (a readiness probe).")] = False,
+    live: Annotated[
+        bool, Query(description="A liveness probe: 200 while the engine loads or restarts; 503 only on error.")
+    ] = False,
+    ready: Annotated[
+        bool, Query(description="Kept for probes configured with it: plain /health is the readiness probe.")
+    ] = False,
 ) -> Response:
-    """``loading`` or ``restarting`` (200), ``ready`` (200), or ``error`` (503) with the reason.
+    """200 ``ready`` only when the engine takes requests; otherwise a 503 problem with Retry-After:
+    ``engine-not-ready`` while it loads or restarts, ``engine-lost`` once it will not come back here.
 
-    As a liveness probe, plain ``/health`` fails only when the engine will not come back; as a
-    readiness probe, ``/health?ready=true`` fails whenever the engine cannot take requests.
+    A readiness probe (and Compose's healthcheck) uses plain ``/health``; a liveness probe
+    ``/health?live=true``, which fails only on ``error`` (and the process exits then anyway).
     """
     if state is None:  # the lifespan is still building the stack
         body = HealthOut(status="loading")
     else:
         status = state.health
+        error = state.engine.error if status in ("error", "restarting") else None
         body = HealthOut(
             status=status,  # type: ignore[arg-type]
-            error=state.engine.error if status in ("error", "restarting") else None,
+            error=error,
             base_model=state.stack.base_model_id,
             engine_start_seconds=getattr(state.engine, "start_seconds", None),
             engine_restarts=getattr(state.engine, "restarts", 0),
         )
-    failed = body.status == "error" or (ready and body.status != "ready")
-    return JSONResponse(body.model_dump(mode="json"), status_code=503 if failed else 200)
+    if body.status == "ready" or (live and body.status != "error"):
+        return JSONResponse(body.model_dump(mode="json"), status_code=200)
+    what = f"the engine is {body.status}" + (f": {body.error}" if body.error else "")
+    exc = EngineLost(what) if body.status == "error" else EngineNotReady(what)
+    kind, problem = problem_body(exc, request.url.path, current_request_id())
+    problem.update(body.model_dump(mode="json", exclude={"status"}), state=body.status)
+    headers = {"Retry-After": str(kind.retry_after)} if kind.retry_after is not None else {}
+    return JSONResponse(problem, status_code=kind.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from big5core.compose import compose_adapters, read_manifest
-from big5core.compose_cache import ComposedCache, Residency
+from big5core.compose_cache import ComposedCache, ComposedStorageFull, Hold, Residency, estimate_bytes
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 
@@ -148,3 +148,94 @@ def test_residency_unloads_the_least_recently_used_idle_adapters() -> None:
     assert list(loaded._in_use) == ["e", "f"]
     with pytest.raises(ValueError):
         Residency(0)
+
+
+# ---------------------------------------------------------------- holds and the disk budget (issue 28)
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_each_use_is_held_until_its_own_release(parts: list[Path], tmp_path: Path) -> None:
+    cache = ComposedCache(tmp_path / "composed", budget=1)
+    vector = _vector(parts, 0, 1)
+    cache.get_or_build("composed-a", vector, _meta(vector))
+    cache.get_or_build("composed-a", vector, _meta(vector))  # a second request for the same vector
+    hold = Hold(cache, "composed-a")
+    hold.release()
+    hold.release()  # a Hold ends its one use once, however often it is called
+    assert cache.held() == ["composed-a"]  # the other request still uses it
+    cache.release("composed-a")
+    assert cache.held() == []
+    other = _vector(parts, 2, 3)
+    cache.get_or_build("composed-b", other, _meta(other))
+    assert _names(tmp_path / "composed") == ["composed-b"]  # budget 1: the idle one was evicted
+
+
+def test_the_size_estimate_bounds_the_folder(parts: list[Path], tmp_path: Path) -> None:
+    vector = _vector(parts, 0, 1, 2)
+    built = compose_adapters(vector, tmp_path / "built", part_meta=_meta(vector))
+    actual = sum(p.stat().st_size for p in built.iterdir())
+    estimate = estimate_bytes([p for p, _ in vector])
+    assert actual <= estimate <= actual + (64 << 10)
+
+
+def test_the_disk_budget_holds_and_refuses_cleanly(parts: list[Path], tmp_path: Path) -> None:
+    root = tmp_path / "composed"
+    pairs = [_vector(parts, 0, 1), _vector(parts, 1, 2), _vector(parts, 2, 3), _vector(parts, 0, 3)]
+    cache = ComposedCache(root, budget=10, max_bytes=1 << 30)
+    cache.get_or_build("composed-a", pairs[0], _meta(pairs[0]))
+    cache.release("composed-a")  # idle: evictable to make room
+    size, reserve = cache.usage()[1], estimate_bytes([p for p, _ in pairs[0]])  # all four alike
+    cache.max_bytes = size + reserve + size // 2  # two folders and a third's reservation do not fit
+    cache.get_or_build("composed-b", pairs[1], _meta(pairs[1]))
+    cache.get_or_build("composed-c", pairs[2], _meta(pairs[2]))  # evicts a, although the count budget is 10
+    assert _names(root) == ["composed-b", "composed-c"]
+    assert cache.usage()[1] <= cache.max_bytes  # type: ignore[operator]
+    with pytest.raises(ComposedStorageFull) as refused:
+        cache.get_or_build("composed-d", pairs[3], _meta(pairs[3]))  # b and c are in use: no room
+    assert "MiB" in str(refused.value) and str(tmp_path) not in str(refused.value)  # no server paths
+    assert _names(root) == ["composed-b", "composed-c"]  # nothing written, nothing of d left
+    assert not list(root.glob(".compose-*")) and not list((root / ".reservations").iterdir())
+    assert cache.held() == ["composed-b", "composed-c"]
+    cache.release("composed-b")
+    cache.get_or_build("composed-d", pairs[3], _meta(pairs[3]))  # room once b is released
+    assert _names(root) == ["composed-c", "composed-d"]
+
+
+FILE_SIZE_LIMITED = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    from big5core.compose import compose_adapters
+
+    parts = [(Path(p), w) for p, w in json.loads(sys.argv[2])]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+    try:
+        compose_adapters(parts, Path(sys.argv[1]))
+    except OSError as exc:
+        print("failed", exc.errno)
+    """
+)
+
+
+@pytest.mark.slow  # a process started with its own interpreter
+def test_a_composition_that_cannot_be_written_leaves_nothing(parts: list[Path], tmp_path: Path) -> None:
+    root = tmp_path / "composed"
+    root.mkdir()
+    vector = _vector(parts, 0, 1, 2)
+    payload = json.dumps([[str(p), w] for p, w in vector])
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(root / "composed-x"), payload],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("failed"), done.stdout + done.stderr[-3000:]
+    assert list(root.iterdir()) == []  # neither the folder under its name nor its staging sibling
+    cache = ComposedCache(root, budget=2)
+    assert cache.get_or_build("composed-x", vector, _meta(vector)).is_dir()  # built whole on the next try
+    assert read_manifest(root / "composed-x") is not None

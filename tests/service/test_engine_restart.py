@@ -139,9 +139,11 @@ def test_killed_engine_core_is_restarted_under_load(
             os.kill(cores[0].pid, signal.SIGKILL)
             _wait(lambda: any(a[0] > killed_at and a[1] == 503 for a in load.answers), 60, "a 503 after the kill")
             _wait(lambda: f"restart {restarts + 2} failed" in (engine.error or ""), 120, "two failed restarts")
-            health = http.get("/health")
-            assert health.status_code == 200 and health.json()["status"] == "restarting", health.text
+            health = http.get("/health")  # not ready while restarting: a 503 problem with Retry-After
+            assert health.status_code == 503 and health.json()["state"] == "restarting", health.text
+            assert health.json()["type"] == PROBLEM_BASE + "engine-not-ready" and int(health.headers["retry-after"]) > 0
             assert "failed" in health.json()["error"]
+            assert http.get("/health", params={"live": "true"}).status_code == 200  # alive all the same
             engine.model_path = model_path  # the next try (after the backoff) succeeds
             recovered = _wait(
                 lambda: engine.ready and any(a[0] > killed_at + 1 and a[1] == 200 for a in load.answers[-CLIENTS:]),

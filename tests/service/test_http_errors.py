@@ -104,7 +104,7 @@ def test_keys_are_required_when_configured(keyed_client: TestClient) -> None:
     assert_problem(keyed_client.get("/v1/assessments"), 401, "unauthorized")  # the evaluator's routes too
     assert_problem(keyed_client.post("/assess", json={}), 401, "unauthorized")
     assert keyed_client.get("/v1/adapters", headers={"X-API-Key": "client-key"}).status_code == 200
-    assert keyed_client.get("/health").status_code == 200  # operations need no key
+    assert keyed_client.get("/health", params={"live": "true"}).status_code == 200  # operations need no key
 
 
 def test_admin_routes_need_an_admin_key(keyed_client: TestClient) -> None:
@@ -147,10 +147,12 @@ def test_body_too_large_is_413(client: TestClient, service_settings: Settings) -
 
 
 def test_engine_not_ready_is_503_with_retry_after(client: TestClient, unstarted: PersonaEngine) -> None:
-    health = client.get("/health")
-    assert health.status_code == 200 and health.json()["status"] == "loading"
-    ready = client.get("/health", params={"ready": "true"})  # the readiness probe says no
-    assert ready.status_code == 503 and ready.json()["status"] == "loading"
+    for params in ({}, {"ready": "true"}):  # /health is the readiness probe: not ready, a 503 problem
+        health = assert_problem(client.get("/health", params=params), 503, "engine-not-ready")
+        assert health["state"] == "loading" and health["base_model"]
+    assert int(client.get("/health").headers["retry-after"]) > 0
+    live = client.get("/health", params={"live": "true"})  # the liveness probe: loading is alive
+    assert live.status_code == 200 and live.json()["status"] == "loading"
     for path in ("/v1/generate", "/generate"):
         generate = client.post(path, json=generate_body(method="direct"))
         assert_problem(generate, 503, "engine-not-ready")

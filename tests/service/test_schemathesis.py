@@ -140,7 +140,7 @@ def exercise(operation: Any, mode: GenerationMode, examples: int, live: Live, ra
 
 
 def test_error_responses_are_documented_as_problems(tmp_path: Path) -> None:
-    """Fast (no engine): every documented 4xx/5xx is a Problem as application/problem+json, except /health's."""
+    """Fast (no engine): every documented 4xx/5xx is a Problem as application/problem+json, /health's too."""
     document = create_app(Settings(data_dir=tmp_path)).openapi()
     assert "HTTPValidationError" not in document["components"]["schemas"]
     for path, item in document["paths"].items():
@@ -151,8 +151,6 @@ def test_error_responses_are_documented_as_problems(tmp_path: Path) -> None:
             if "requestBody" in operation:
                 assert {"400", "413", "422"} <= set(errors), f"{method} {path}"
             for status, response in errors.items():
-                if path == "/health":
-                    continue
                 assert response["content"] == {"application/problem+json": {"schema": {"$ref": PROBLEM}}}, (
                     f"{method} {path} {status}"
                 )
