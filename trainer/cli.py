@@ -156,17 +156,50 @@ def _lead_or_follow(settings: Settings, lead: Callable[[RankGroup | None], T]) -
 def worker(
     once: Annotated[bool, typer.Option(help="Process one job and exit.")] = False,
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+    liveness_file: Annotated[
+        Path | None,
+        typer.Option(help="Rewrite this file while alive: each idle poll, each lease renewal (for --check-health)."),
+    ] = None,
+    check_health: Annotated[
+        bool,
+        typer.Option(
+            "--check-health",
+            help="Only check the worker that writes --liveness-file: exit 1 once it is older than the lease.",
+        ),
+    ] = False,
 ) -> None:
     """Process training jobs from the database queue (run several, on several machines).
 
-    Under `accelerate launch --num_processes N` the N processes train each job together.
+    Under `accelerate launch --num_processes N` the N processes train each job together (the main
+    one writes --liveness-file).
     """
     from big5core.settings import get_settings
-    from trainer.worker import Worker
 
     settings = get_settings()
-    count = _lead_or_follow(
-        settings, lambda group: Worker(settings, group=group).run(once=once, exit_when_idle=exit_when_idle)
-    )
+    if check_health:
+        _check_health(settings, liveness_file)
+        return
+    from trainer.liveness import Liveness
+    from trainer.worker import Worker
+
+    def lead(group: RankGroup | None) -> int:
+        runner = Worker(settings, group=group)
+        if liveness_file is not None:
+            runner.liveness = Liveness(liveness_file, runner.owner)
+        return runner.run(once=once, exit_when_idle=exit_when_idle)
+
+    count = _lead_or_follow(settings, lead)
     if count is not None:
         typer.echo(f"processed {count} job(s)")
+
+
+def _check_health(settings: Settings, liveness_file: Path | None) -> None:
+    """A container healthcheck: the worker's liveness file younger than its lease, or exit 1."""
+    from trainer.liveness import check
+
+    if liveness_file is None:
+        raise typer.BadParameter("--check-health reads the file the worker writes: give --liveness-file")
+    health = check(liveness_file, settings.trainer.lease_seconds)
+    typer.echo(health.message, err=not health.healthy)
+    if not health.healthy:
+        raise typer.Exit(1)
