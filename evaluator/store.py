@@ -1,4 +1,9 @@
-"""Assessments and inventories in the database. Functions take a session and never commit."""
+"""Assessments and inventories in the database. Functions take a session and never commit.
+
+An assessment records the key that created it (``owner_key``, a key id, never the key); reads given
+``owner_key`` see only that key's assessments, and another's is answered as unknown (not "forbidden",
+which would tell that it exists). ``owner_key=None`` reads every assessment (admins, auth off).
+"""
 
 from __future__ import annotations
 
@@ -119,8 +124,10 @@ def create(
     scoring: str,
     runs: int,
     options: dict[str, Any],
+    owner_key: str | None = None,
 ) -> Assessment:
     assessment = Assessment(
+        owner_key=owner_key,
         persona=persona,
         resolved_persona=resolved,
         persona_key=persona_key,
@@ -136,8 +143,10 @@ def create(
     return assessment
 
 
-def get(session: Session, assessment_id: str, *, with_scores: bool = True) -> Assessment:
+def get(session: Session, assessment_id: str, *, with_scores: bool = True, owner_key: str | None = None) -> Assessment:
     query = select(Assessment).where(Assessment.id == assessment_id).options(selectinload(Assessment.inventory))
+    if owner_key is not None:
+        query = query.where(Assessment.owner_key == owner_key)
     if with_scores:
         query = query.options(selectinload(Assessment.scores))
     assessment = session.scalar(query)
@@ -146,8 +155,8 @@ def get(session: Session, assessment_id: str, *, with_scores: bool = True) -> As
     return assessment
 
 
-def responses(session: Session, assessment_id: str) -> Sequence[ItemResponse]:
-    get(session, assessment_id, with_scores=False)
+def responses(session: Session, assessment_id: str, *, owner_key: str | None = None) -> Sequence[ItemResponse]:
+    get(session, assessment_id, with_scores=False, owner_key=owner_key)
     return session.scalars(
         select(ItemResponse)
         .where(ItemResponse.assessment_id == assessment_id)
@@ -164,12 +173,15 @@ def search(
     state: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    owner_key: str | None = None,
 ) -> Sequence[Assessment]:
     query = (
         select(Assessment)
         .options(selectinload(Assessment.inventory), selectinload(Assessment.scores))
         .order_by(Assessment.created_at.desc())
     )
+    if owner_key is not None:
+        query = query.where(Assessment.owner_key == owner_key)
     if persona_key:
         query = query.where(Assessment.persona_key == persona_key)
     if method:

@@ -87,7 +87,7 @@ def create_app(
             await _stop(state)
 
     app = FastAPI(title="BIG5-CHAT", version=_version(), description=DESCRIPTION, lifespan=lifespan)
-    errors.install(app)
+    errors.install(app, private_paths=(settings.data_dir,))  # absolute paths are always kept out of details
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)

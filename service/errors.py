@@ -7,6 +7,8 @@ type and title are the exception's own. So the service imports no edge's excepti
 new domain error is mapped by the category it derives from. A lookup walks the exception's MRO, so
 the most specific listed class wins (``AdapterNotFound`` is a 404 although it is a registry error).
 Anything not in the table is a 500 whose body carries no internals (the traceback goes to the log).
+No detail names a filesystem path: each is passed through :func:`big5core.errors.redact_paths`
+(messages keep their folders for the log, where the handler writes them whole).
 
 The few exceptions defined here are the service's own conditions (queue full, body too large,
 authentication); they are raised by the middleware, the dependencies and the serving layer.
@@ -15,9 +17,10 @@ authentication); they are raised by the middleware, the dependencies and the ser
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +31,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DataError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from big5core.errors import Conflict, DomainError, Invalid, NotFound, NotReady, Unavailable
+from big5core.errors import Conflict, DomainError, Invalid, NotFound, NotReady, Unavailable, redact_paths
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ def type_uri(slug: str) -> str:
 _SCHEMA_LOC_PARTS = ("[key]", "constrained-", "literal[", "function-")  # pydantic's, not the client's
 
 
-def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+def validation_errors(errors: Sequence[Any], private_paths: Iterable[str | Path] = ()) -> list[dict[str, Any]]:
     """Pydantic errors without their inputs (which may be large or private), each naming its field."""
     out = []
     for error in errors:
@@ -149,7 +152,7 @@ def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
             {
                 "field": ".".join(part for part in loc if not part.startswith(_SCHEMA_LOC_PARTS)),
                 "loc": loc,
-                "msg": str(error.get("msg", "")),
+                "msg": redact_paths(str(error.get("msg", "")), private_paths),
                 "type": str(error.get("type", "")),
             }
         )
@@ -157,20 +160,23 @@ def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def problem_body(
-    exc: BaseException, instance: str, request_id: str | None = None
+    exc: BaseException, instance: str, request_id: str | None = None, private_paths: Iterable[str | Path] = ()
 ) -> tuple[ProblemKind, dict[str, Any]]:
+    """The problem of ``exc``. ``private_paths``: the server's relative folders (absolute paths are always
+    redacted) that must not appear in the detail."""
     kind = kind_of(exc)
+    private_paths = tuple(private_paths)
     body: dict[str, Any] = {"type": type_uri(kind.slug), "title": kind.title, "status": kind.status}
     if isinstance(exc, RequestValidationError | ValidationError):
-        errors = validation_errors(exc.errors())
+        errors = validation_errors(exc.errors(), private_paths)
         body["detail"] = "; ".join(f"{e['field'] or 'body'}: {e['msg']}" for e in errors[:5])
         body["errors"] = errors
     elif isinstance(exc, StarletteHTTPException):
-        body["detail"] = str(exc.detail)
+        body["detail"] = redact_paths(str(exc.detail), private_paths)
     elif isinstance(exc, StatementError) and kind.expose_detail:  # str(exc) carries the SQL and its parameters
-        body["detail"] = (str(exc.orig).strip().splitlines() or [kind.title])[0]
+        body["detail"] = redact_paths((str(exc.orig).strip().splitlines() or [kind.title])[0], private_paths)
     elif kind.expose_detail:
-        body["detail"] = str(exc) or kind.title
+        body["detail"] = redact_paths(str(exc) or kind.title, private_paths)
     else:
         what = "An unexpected error occurred" if kind is INTERNAL else kind.title
         body["detail"] = f"{what}; the server log has the details" + (
@@ -182,9 +188,11 @@ def problem_body(
     return kind, body
 
 
-def problem_response(exc: BaseException, instance: str, request_id: str | None = None) -> JSONResponse:
+def problem_response(
+    exc: BaseException, instance: str, request_id: str | None = None, private_paths: Iterable[str | Path] = ()
+) -> JSONResponse:
     """The problem+json response for ``exc`` (status, headers and body from the table)."""
-    kind, body = problem_body(exc, instance, request_id)
+    kind, body = problem_body(exc, instance, request_id, private_paths)
     headers: dict[str, str] = {}
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update(exc.headers)
@@ -201,16 +209,22 @@ def _request_id(request: Request) -> str | None:
     return current_request_id()
 
 
-async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    kind = kind_of(exc)
-    if kind.status >= 500 and kind is INTERNAL:
-        logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    elif kind.status >= 500:
-        logger.warning("%s on %s: %s", kind.slug, request.url.path, exc)
-    return problem_response(exc, request.url.path, _request_id(request))
+def install(app: FastAPI, private_paths: Iterable[str | Path] = ()) -> None:
+    """Register one handler for every class in the table (and HTTP errors raised by routing).
 
+    ``private_paths``: the server's folders as configured (a relative data dir), kept out of details.
+    """
+    hidden = tuple(private_paths)
 
-def install(app: FastAPI) -> None:
-    """Register one handler for every class in the table (and HTTP errors raised by routing)."""
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        kind = kind_of(exc)
+        if kind.status >= 500 and kind is INTERNAL:
+            logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        elif kind.status >= 500:
+            logger.warning("%s on %s: %s", kind.slug, request.url.path, exc)
+        elif redact_paths(str(exc), hidden) != str(exc):  # the client's copy lost a path: the log keeps it
+            logger.info("%s on %s: %s", kind.slug, request.url.path, exc)
+        return problem_response(exc, request.url.path, _request_id(request), hidden)
+
     for cls in (*PROBLEMS, StarletteHTTPException):
-        app.add_exception_handler(cls, _handle)  # type: ignore[arg-type]
+        app.add_exception_handler(cls, handle)  # type: ignore[arg-type]

@@ -14,7 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ReasoningSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BIG5_REASONING__", extra="ignore", env_file=None)
+    # An empty value means unset (its default), as for big5core's Settings: ``BIG5_REASONING__SOURCE=`` loads.
+    model_config = SettingsConfigDict(
+        env_prefix="BIG5_REASONING__", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     data_dir: Path | None = Field(
         None,

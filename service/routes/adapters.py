@@ -9,15 +9,19 @@ at its first request), and unloads from the engine adapters that are no longer r
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
 from big5core import registry
+from big5core.errors import redact_paths
 from big5core.models import AdapterState
 from service.deps import AdminDep, SessionDep, StateDep, require_client
 from service.schemas import AdapterOut, ReloadFailure, ReloadReport, problems
 from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -61,7 +65,8 @@ def _scan(state: ServiceState) -> tuple[ReloadReport, set[str]]:
             try:
                 registry.verify(row)
             except registry.ChecksumMismatch as exc:
-                failed.append(ReloadFailure(ref=row.ref, detail=str(exc)))
+                logger.warning("Reload: %s", exc)  # with its folder; the client's copy has none
+                failed.append(ReloadFailure(ref=row.ref, detail=redact_paths(str(exc), (state.settings.data_dir,))))
             else:
                 verified.append(row.ref)
     ready_refs = {row.ref for row in ready}

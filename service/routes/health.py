@@ -1,14 +1,16 @@
-"""GET /health (engine state) and GET /metrics (Prometheus text format). Neither needs a key."""
+"""GET /health (engine state; no key) and GET /metrics (Prometheus text; a key while keys are set, unless
+``metrics_public``)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from big5core.engine import EngineNotReady
-from service.deps import MaybeStateDep, StateDep
+from big5core.errors import redact_paths
+from service.deps import MaybeStateDep, StateDep, require_metrics_access
 from service.errors import PROBLEM_MEDIA_TYPE, problem_body
 from service.middleware import current_request_id
 from service.schemas import HealthOut, problems
@@ -51,7 +53,7 @@ def health(
         error = state.engine.error if status in ("error", "restarting") else None
         body = HealthOut(
             status=status,  # type: ignore[arg-type]
-            error=error,
+            error=redact_paths(error, (state.settings.data_dir,)) if error else None,  # no key needed: no paths
             base_model=state.stack.base_model_id,
             engine_start_seconds=getattr(state.engine, "start_seconds", None),
             engine_restarts=getattr(state.engine, "restarts", 0),
@@ -60,13 +62,20 @@ def health(
         return JSONResponse(body.model_dump(mode="json"), status_code=200)
     what = f"the engine is {body.status}" + (f": {body.error}" if body.error else "")
     exc = EngineLost(what) if body.status == "error" else EngineNotReady(what)
-    kind, problem = problem_body(exc, request.url.path, current_request_id())
+    hidden = (state.settings.data_dir,) if state is not None else ()
+    kind, problem = problem_body(exc, request.url.path, current_request_id(), hidden)
     problem.update(body.model_dump(mode="json", exclude={"status"}), state=body.status)
     headers = {"Retry-After": str(kind.retry_after)} if kind.retry_after is not None else {}
     return JSONResponse(problem, status_code=kind.status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+    dependencies=[Depends(require_metrics_access)],
+)
 def metrics(state: StateDep) -> Response:
+    """Prometheus metrics (they name adapter refs): any valid key while keys are set, unless metrics_public."""
     payload, media_type = state.metrics.render()
     return Response(payload, media_type=media_type)

@@ -107,3 +107,82 @@ def test_set_values_still_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert settings.engine.kv_cache_bytes == 1024 and settings.base_model == "m"
     assert [k.get_secret_value() for k in settings.service.api_keys] == ["k"]
+
+
+def _settings_classes() -> list[tuple[type, str]]:
+    """Every BaseSettings class that reads the environment, with its prefix."""
+    from evaluator.reasoning.settings import ReasoningSettings
+
+    return [(Settings, "BIG5_"), (ReasoningSettings, "BIG5_REASONING__")]
+
+
+def _env_names(model: type, prefix: str) -> list[str]:
+    from pydantic import BaseModel
+
+    names = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        names.append(prefix + name.upper())
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += _env_names(field.annotation, prefix + name.upper() + "__")
+    return names
+
+
+def test_every_settings_class_is_listed() -> None:
+    """A new settings class must join the empty-value test below (trainer/cli.py's TrainArgs reads no env)."""
+    found = set()
+    for path in ROOT.glob("*/**/*.py"):
+        if path.parts[len(ROOT.parts)] in {"big5core", "evaluator", "service", "trainer", "big5"}:
+            found |= {m.group(1) for m in re.finditer(r"^\s*class (\w+)\(.*BaseSettings", path.read_text(), re.M)}
+    assert found - {"TrainArgs"} == {cls.__name__ for cls, _ in _settings_classes()}
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["Settings", "ReasoningSettings"])
+def test_every_setting_of_every_class_loads_when_empty(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
+    """``BIG5_...=`` (each variable empty, one at a time and all at once) loads: unset, never a parsing error."""
+    cls, prefix = _settings_classes()[index]
+    names = _env_names(cls, prefix)
+    for name in [k for k in os.environ if k.startswith("BIG5_")]:
+        monkeypatch.delenv(name)
+    for name in names:
+        monkeypatch.setenv(name, "")
+        cls()
+        monkeypatch.delenv(name)
+    for name in names:
+        monkeypatch.setenv(name, "")
+    cls()
+
+
+def test_the_reasoning_settings_keep_their_defaults_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluator.reasoning.settings import ReasoningSettings
+
+    for name in ("SOURCE", "MAX_GEN_TOKS", "CONCURRENCY", "DATA_DIR"):
+        monkeypatch.setenv(f"BIG5_REASONING__{name}", "")
+    loaded = ReasoningSettings()
+    assert (loaded.source, loaded.max_gen_toks, loaded.concurrency, loaded.data_dir) == ("local", 256, 16, None)
+
+
+def test_an_empty_database_url_is_refused_where_one_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the image (BIG5_REQUIRE_DATABASE_URL=1) an empty BIG5_DATABASE_URL never means a SQLite file."""
+    from big5core.settings import DatabaseUrlRequired
+
+    settings = settings_from(monkeypatch, {"BIG5_DATABASE_URL": "", "BIG5_REQUIRE_DATABASE_URL": "1"})
+    assert settings.require_database_url and settings.database_url is None
+    with pytest.raises(DatabaseUrlRequired, match="BIG5_DATABASE_URL is not set"):
+        _ = settings.resolved_database_url
+    url = "postgresql+psycopg://big5@db/big5"
+    given = settings_from(monkeypatch, {"BIG5_DATABASE_URL": url, "BIG5_REQUIRE_DATABASE_URL": "1"})
+    assert given.resolved_database_url == url
+    outside = settings_from(monkeypatch, {"BIG5_DATABASE_URL": ""})  # outside the image: the SQLite default
+    assert outside.resolved_database_url.startswith("sqlite:///")
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_the_image_requires_a_database_url(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    """The image's environment with BIG5_DATABASE_URL missing or empty: an error, not a SQLite file in /data."""
+    from big5core.settings import DatabaseUrlRequired
+
+    env = dockerfile_env()[target]
+    assert env.get("BIG5_REQUIRE_DATABASE_URL") == "1"
+    for given in ({}, {"BIG5_DATABASE_URL": ""}):
+        with pytest.raises(DatabaseUrlRequired):
+            _ = settings_from(monkeypatch, {**env, **given}).resolved_database_url
