@@ -6,13 +6,19 @@
 
 ARG PYTHON_VERSION=3.11
 
+# The build context leaves out what .dockerignore names (.env, .git, .venv, big5-data, caches).
+# BIG5_REQUIRE_DATABASE_URL: no SQLite file inside a container; BIG5_DATABASE_URL must be set.
 FROM python:${PYTHON_VERSION}-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    BIG5_DATA_DIR=/data VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+    BIG5_DATA_DIR=/data BIG5_REQUIRE_DATABASE_URL=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# Every path docker-compose.yml mounts exists here, owned by big5 (uid 10001): a new named volume
+# starts as a copy of it, while a path the image lacks is created root-owned, unwritable by big5.
 RUN apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4 libnuma1 curl \
     && rm -rf /var/lib/apt/lists/* \
     && python -m venv /opt/venv \
-    && useradd --create-home --uid 10001 big5 && mkdir -p /data && chown big5 /data
+    && useradd --create-home --uid 10001 big5 \
+    && mkdir -p /data/adapters /data/checkpoints /data/datasets /data/judges /home/big5/.cache/huggingface \
+    && chown -R big5:big5 /data /home/big5/.cache
 WORKDIR /app
 
 # ---- dependencies in their own cached layer (only pyproject changes invalidate it)

@@ -101,7 +101,7 @@ def test_multi_gpu_worker_launches_one_rank_per_reserved_gpu(gpus: str | None) -
     worker = services["worker-gpus"]
     command = worker["command"]
     assert command[:3] == ["accelerate", "launch", "--multi_gpu"]
-    assert command[-3:] == ["-m", "big5.cli", "worker"]
+    assert command[-5:-2] == ["-m", "big5.cli", "worker"] and command[-2] == "--liveness-file"  # for its healthcheck
     ranks = int(command[command.index("--num_processes") + 1])
     assert ranks == int(gpus or 2)
     [device] = worker["deploy"]["resources"]["reservations"]["devices"]
