@@ -8,9 +8,20 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from evaluator.judge import JudgeStore
+    from evaluator.judge import JudgeStore, TraitJudge
 
 judge_app = typer.Typer(no_args_is_help=True, help="The trait judge (P(high | reply) per trait).")
+
+
+def _get(store: JudgeStore, name: str = "big5chat-judge") -> TraitJudge:
+    """The judge, or its error (unknown, files not matching the card, a pickle of an older version) and exit 1."""
+    from big5core.errors import DomainError
+
+    try:
+        return store.get(name)
+    except DomainError as exc:
+        typer.echo(f"big5 judge: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _store(dataset: str | None = None) -> JudgeStore:
@@ -38,14 +49,14 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print the judge's card (held-out accuracy and the real replies' gap per trait); builds the default one."""
-    judge = _store().get(name)
+    judge = _get(_store(), name)
     typer.echo(json.dumps(judge.card.to_json(), indent=2) if as_json else judge.card.format())
 
 
 @judge_app.command("score")
 def score(text: Annotated[list[str], typer.Argument(help="replies to score")]) -> None:
     """P(high | reply) per trait for each TEXT."""
-    judge = _store().get()
+    judge = _get(_store())
     scores = judge.score(text)
     for i, reply in enumerate(text):
         cells = "  ".join(f"{t[:4]} {values[i]:.2f}" for t, values in scores.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -170,6 +171,18 @@ def test_a_pickled_judge_is_refused_unread(judge: TraitJudge, tmp_path: Path) ->
         TraitJudge.load(tmp_path / "judges" / "old-judge")
     with pytest.raises(JudgeOutdated):
         JudgeStore(tmp_path / "judges").get("old-judge")  # not the default judge: never rebuilt behind one's back
+    assert not marker.exists()
+
+
+def test_cli_names_the_refusal_and_how_to_rebuild(judge: TraitJudge, tmp_path: Path) -> None:
+    """`big5 judge show --name X` on a pickled judge: exit 1 and the message, no traceback, nothing unpickled."""
+    marker = tmp_path / "code-ran"
+    _pickled_judge(tmp_path / "data" / "judges" / "old-judge", judge, marker)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIG5_")} | {"BIG5_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "big5.cli", "judge", "show", "--name", "old-judge"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "big5 judge train --name old-judge" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
 
 
