@@ -50,8 +50,8 @@ def _check(client: TestClient, engine: PersonaEngine) -> None:
     loaded = [n for n in names if n in engine.loras]
     assert loaded == names[-capacity:]  # the most recently used stay loaded ...
     gone = names[:-capacity]
-    assert gone and not set(gone) & set(cache.held())  # ... the others were unloaded and released on disk
-    assert set(loaded) <= set(cache.held())
+    assert gone and not set(gone) & set(engine.loras)  # ... the others were unloaded
+    assert cache.held() == []  # on disk a folder is held only while a request uses it (issue 28)
 
     again = _composed(client, weights[0])  # an unloaded vector is simply loaded again
     assert again == names[0] and again in engine.loras
