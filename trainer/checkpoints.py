@@ -19,7 +19,7 @@ from big5core import fsio
 
 logger = logging.getLogger(__name__)
 
-MARKER = "checkpoint-complete.json"
+MARKER = "complete.json"  # not "checkpoint-*": code that globs for checkpoints must not find it
 PREFIX = "checkpoint-"
 
 

@@ -55,7 +55,8 @@ def own_db(empty_pg_url: str) -> str:
 
 
 def _config(settings: Settings, tiny_model: Path, database_url: str, max_attempts: int = 3) -> Settings:
-    trainer = TrainerSettings(lease_seconds=3, heartbeat_seconds=1, poll_seconds=0.2, max_attempts=max_attempts)
+    # a worker gives up a lease it could not renew for (lease + heartbeat) / 2 s: 3.5 s here, room for a loaded CPU
+    trainer = TrainerSettings(lease_seconds=6, heartbeat_seconds=1, poll_seconds=0.2, max_attempts=max_attempts)
     return settings.model_copy(update={"base_model": str(tiny_model), "trainer": trainer, "database_url": database_url})
 
 

@@ -47,7 +47,7 @@ def cfg(tmp_path: Path, empty_pg_url: str, data_dir: Path, tiny_model: Path) -> 
         data_dir=work,
         database_url=empty_pg_url,
         base_model=str(tiny_model),
-        trainer=TrainerSettings(lease_seconds=4, heartbeat_seconds=1, poll_seconds=0.2),
+        trainer=TrainerSettings(lease_seconds=8, heartbeat_seconds=1, poll_seconds=0.2),
     )
 
 

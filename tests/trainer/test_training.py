@@ -127,7 +127,7 @@ def test_malformed_dataset_fails_before_training(
 @pytest.mark.slow  # trains
 def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_model: Path) -> None:
     """SIGKILL a real worker process mid-job; a second worker reclaims it after the lease and finishes it."""
-    cfg = _tiny_settings(settings, tiny_model, lease_seconds=4, heartbeat_seconds=1, poll_seconds=0.2)
+    cfg = _tiny_settings(settings, tiny_model, lease_seconds=6, heartbeat_seconds=1, poll_seconds=0.2)
     spec = TrainSpec(
         method="sft",
         layout="per-trait",
@@ -140,7 +140,7 @@ def test_killed_worker_job_is_reclaimed_and_resumed(settings: Settings, tiny_mod
         "BIG5_DATA_DIR": str(cfg.data_dir),
         "BIG5_DATABASE_URL": str(cfg.database_url),
         "BIG5_BASE_MODEL": str(tiny_model),
-        "BIG5_TRAINER__LEASE_SECONDS": "4",
+        "BIG5_TRAINER__LEASE_SECONDS": "6",
         "BIG5_TRAINER__HEARTBEAT_SECONDS": "1",
     }
     proc = subprocess.Popen(
