@@ -452,6 +452,10 @@ class PersonaEngine:
             seed=sampling.seed,
             stop=list(sampling.stop) if sampling.stop else None,
             ignore_eos=sampling.ignore_eos,
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
             output_kind=RequestOutputKind[kind],
             **extra,
         )

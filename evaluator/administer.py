@@ -80,6 +80,7 @@ class Response:
     value: float | None = None
     parse_error: str | None = None
     judge_scores: dict[str, float] | None = None  # the dialogue assessment: P(high | reply) per trait
+    quality: dict[str, Any] | None = None  # the dialogue assessment: evaluator.quality.ReplyQuality of the reply
 
 
 @dataclass

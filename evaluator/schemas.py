@@ -8,6 +8,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from big5core.generation import DEFAULT_DECODING, Decoding, SamplingOptions
 from big5core.persona import PersonaSpec
 from evaluator.inventories import InventoryItem, LikertScale
 from evaluator.scoring import DEFAULT_MIN_COVERAGE, DEFAULT_MIN_OPTION_MASS
@@ -60,7 +61,11 @@ class AssessRequest(BaseModel):
     )
     seed: int = Field(0, description="Seed for shuffling and sampling.")
     temperature: float = Field(
-        0.6, ge=0, le=2, description="generate mode (paper: 0.6); the dialogue assessment defaults to 0 (greedy)."
+        0.6,
+        ge=0,
+        le=2,
+        description="generate mode (paper: 0.6); the dialogue assessment defaults to the service's default "
+        "decoding (0 asks for greedy).",
     )
     max_tokens: int = Field(
         128, ge=1, le=1024, description="generate mode (paper: 128); the dialogue assessment's reply length (64)."
@@ -68,10 +73,40 @@ class AssessRequest(BaseModel):
     max_items: int | None = Field(
         None, ge=1, description="big5chat-dialogue only: ask the first N held-out turns (default all)."
     )
+    top_p: float = Field(1.0, gt=0, le=1, description="generate mode and the dialogue assessment: nucleus sampling.")
+    min_p: float = Field(
+        DEFAULT_DECODING.min_p, ge=0, le=1, description="The dialogue assessment: vLLM's min-p (0 = off)."
+    )
+    repetition_penalty: float = Field(
+        DEFAULT_DECODING.repetition_penalty,
+        gt=0,
+        le=2,
+        description="The dialogue assessment: vLLM's repetition penalty (1 = off; > 1 discourages tokens already "
+        "in the prompt or the reply).",
+    )
+    frequency_penalty: float = Field(
+        DEFAULT_DECODING.frequency_penalty, ge=-2, le=2, description="The dialogue assessment (OpenAI semantics)."
+    )
+    presence_penalty: float = Field(
+        DEFAULT_DECODING.presence_penalty, ge=-2, le=2, description="The dialogue assessment (OpenAI semantics)."
+    )
+
+    def dialogue_sampling(self) -> SamplingOptions:
+        """The decoding of every dialogue reply (its seed is set per reply)."""
+        decoding = Decoding(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+        )
+        return decoding.sampling(self.max_tokens)
 
     @model_validator(mode="after")
     def _dialogue_defaults(self) -> AssessRequest:
-        """The dialogue assessment is scored by the judge, greedy, 64 tokens, one run, unless asked otherwise."""
+        """The dialogue assessment is scored by the judge with the service's default decoding
+        (``DEFAULT_DECODING``), 64 tokens, one run, unless asked otherwise."""
         from evaluator.dialogue import DIALOGUE_INVENTORY
 
         given = self.model_fields_set
@@ -82,7 +117,7 @@ class AssessRequest(BaseModel):
                 )
             self.scoring = "judge"
             if "temperature" not in given:
-                self.temperature = 0.0
+                self.temperature = DEFAULT_DECODING.temperature
             if "max_tokens" not in given:
                 self.max_tokens = 64
             if "runs" not in given:
@@ -163,6 +198,11 @@ class ItemResponseOut(BaseModel):
     value: float | None
     parse_error: str | None
     judge_scores: dict[str, float] | None = None
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="The dialogue assessment: the reply's quality (repetition: share of repeated word 3-grams; "
+        "opening: first three words; relevance: TF-IDF cosine with the turn; perplexity under the base model).",
+    )
 
 
 class InventoryUpload(BaseModel):

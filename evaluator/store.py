@@ -239,6 +239,7 @@ def complete(session: Session, assessment_id: str, items: list[Response], scores
             value=r.value,
             parse_error=r.parse_error,
             judge_scores=r.judge_scores,
+            quality=r.quality,
         )
         for r in items
     )

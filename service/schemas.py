@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from big5core.generation import SamplingOptions
+from big5core.generation import DEFAULT_DECODING, SamplingOptions
 from big5core.persona import PersonaSpec
 from big5core.prompts import ChatMessage
 from big5core.traits import Method, TraitVector
@@ -117,8 +117,18 @@ class GenerateRequest(_Strict):
     )
     adapter: AdapterName | None = Field(None, description="Explicit registry adapter (sft/dpo only).")
     max_tokens: int = Field(128, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(DEFAULT_DECODING.temperature, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
+    top_p: float = Field(DEFAULT_DECODING.top_p, gt=0.0, le=1.0)
+    min_p: float = Field(DEFAULT_DECODING.min_p, ge=0.0, le=1.0, description="vLLM's min-p (0 = off).")
+    repetition_penalty: float = Field(
+        DEFAULT_DECODING.repetition_penalty,
+        gt=0.0,
+        le=2.0,
+        description="vLLM's repetition penalty (1 = off; > 1 discourages tokens already in the prompt or reply). "
+        "The defaults of these fields are the measured choice of docs/RESULTS.md (personas loop without one).",
+    )
+    frequency_penalty: float = Field(DEFAULT_DECODING.frequency_penalty, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(DEFAULT_DECODING.presence_penalty, ge=-2.0, le=2.0)
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Sampling seed (reproducible sampling at temperature > 0)."
     )
@@ -146,6 +156,10 @@ class GenerateRequest(_Strict):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
             seed=self.seed,
             stop=_stop_list(self.stop),
         )
@@ -204,6 +218,12 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: what the context leaves.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default: the service's decoding.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default: the service's decoding.")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=2.0, description="vLLM extension. Default: the service's decoding (docs/RESULTS.md)."
+    )
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extension. Default: the service's decoding.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Stop = None
     stream: bool = False
@@ -225,6 +245,16 @@ class ChatCompletionRequest(_Strict):
             max_tokens=self.max_completion_tokens or self.max_tokens or REST_OF_CONTEXT,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            min_p=DEFAULT_DECODING.min_p if self.min_p is None else self.min_p,
+            repetition_penalty=(
+                DEFAULT_DECODING.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+            ),
+            frequency_penalty=DEFAULT_DECODING.frequency_penalty
+            if self.frequency_penalty is None
+            else self.frequency_penalty,
+            presence_penalty=DEFAULT_DECODING.presence_penalty
+            if self.presence_penalty is None
+            else self.presence_penalty,
             seed=self.seed,
             stop=_stop_list(self.stop),
         )

@@ -56,3 +56,32 @@ def test_a_missing_cell_leaves_the_mixture_out() -> None:
     scores = {f"mix-sft|{a.value}:+1|{b.value}:{sb:+d}": _reply() for sb in (1, -1)}
     out = dialogue_tables(scores, SimpleNamespace(card=_card()))
     assert out["json"]["mixtures"] == []
+
+
+def test_quality_table_sits_beside_the_gaps_with_coverage_and_validity() -> None:
+    from big5.quickstart_report import quality_tables
+    from evaluator.quality import opening, repetition
+    from evaluator.quality_report import Replies, gap_quality_figure
+
+    def replies(texts: list[str]) -> Replies:
+        return Replies(texts, [{"repetition": repetition(t), "opening": opening(t), "relevance": 0.1,
+                                "perplexity": 20.0, "n_words": 5} for t in texts])  # fmt: skip
+
+    varied = ["Sure, let's go.", "No, I'm tired.", "Maybe later?", "What a fun plan!"]
+    scores, found, rep = {}, {}, {}
+    for i, trait in enumerate(TRAITS):
+        for level, sign in (("high", 1), ("low", -1)):
+            label = f"sft-per-trait|{trait.value}|{level}"
+            scores[label] = _reply(**{trait.value: 0.5 + 0.2 * sign})
+            rep[label] = replies(varied)
+            found[label] = {"coverage": 0.9, "traits": {t.value: 3 + sign * (t is trait) + 0.1 * i for t in TRAITS}}
+    gaps = dialogue_tables(scores, SimpleNamespace(card=_card()))["json"]
+    reference = {"openness|high": replies(varied)}
+    out = quality_tables(gaps, scores, rep, reference, {"bfi44": found})
+    (row,) = [r for r in out["rows"] if r.title == "SFT (per-trait)"]
+    assert abs(row.gap_mean - 0.4) < 1e-9 and row.coverage_min == 0.9 and row.relevance_ratio == 1.0
+    assert "SFT (per-trait): repetition <= 0.10 met" in out["text"]
+    validity = out["json"]["convergent_validity"]
+    assert validity["inventory"] == "bfi44" and all(c["n"] == 10 for c in validity["traits"])
+    assert all(c["r"] > 0.9 for c in validity["traits"])  # planted: questionnaire and judge agree
+    assert gap_quality_figure(out["rows"]).startswith(b"\x89PNG")

@@ -155,6 +155,20 @@ def test_greedy_generation(engine: PersonaEngine) -> None:
 
 
 @pytest.mark.slow
+def test_repetition_penalty_reaches_the_engine(engine: PersonaEngine) -> None:
+    """The decoding options are vLLM's: a greedy reply that loops loops less with a repetition penalty."""
+    from evaluator.quality import repetition
+
+    prompt = chat("Repeat after me, many times: I'm not. I'm not. I'm not. I'm not.")
+    plain = asyncio.run(engine.generate(prompt, SamplingOptions(max_tokens=48)))
+    again = asyncio.run(engine.generate(prompt, SamplingOptions(max_tokens=48)))
+    penalised = asyncio.run(engine.generate(prompt, SamplingOptions(max_tokens=48, repetition_penalty=1.5)))
+    assert plain.text == again.text  # greedy is deterministic, so the difference below is the penalty's
+    assert penalised.text != plain.text
+    assert repetition(penalised.text) < repetition(plain.text)
+
+
+@pytest.mark.slow
 def test_stream_equals_generate(engine: PersonaEngine) -> None:
     async def both() -> tuple[GenerationResult, list[str], list[int]]:
         whole = await engine.generate(chat(QUESTIONS[1]), GREEDY)

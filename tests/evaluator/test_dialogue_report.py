@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evaluator.stats import bootstrap_ci
 from evaluator.dialogue_report import dose_response, item_scores, mixture, paired_gap
+from evaluator.stats import bootstrap_ci
 
 
 def scores(values: list[float], trait: str = "extraversion") -> dict[str, dict[str, float]]:
