@@ -201,6 +201,35 @@ def _versioned_activation(original: Any) -> Any:
     return activate_adapter
 
 
+def _without_cpu_rewinds(original: Any) -> Any:
+    """vLLM rewinds the generator of a seeded request whose sampled token it discards (a prefill cut into
+    chunks) with ``set_offset``, which a CPU generator lacks: the engine core died with "CPU Generator does
+    not use offset" (seen 2026-12-07 under ``bench/dialogue_quality.py``: seeded sampled replies beside long
+    questionnaire prompts). Those generators are set aside for the bookkeeping step and put back after it;
+    the CPU generator's state then stays where the discarded sample left it (still deterministic)."""
+
+    def bookkeeping(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = self.input_batch
+        held = set_aside_cpu_generators(batch.generators, self.discard_request_mask.np[: batch.num_reqs])
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            batch.generators.update(held)
+
+    bookkeeping._big5 = True  # type: ignore[attr-defined]
+    return bookkeeping
+
+
+def set_aside_cpu_generators(generators: dict[int, Any], discard_mask: Any) -> dict[int, Any]:
+    """Remove (and return) the CPU generators of the requests ``discard_mask`` marks."""
+    held: dict[int, Any] = {}
+    for index, discard in enumerate(discard_mask):
+        gen = generators.get(index)
+        if discard and gen is not None and gen.device.type == "cpu":
+            held[index] = generators.pop(index)
+    return held
+
+
 def _patch_method(owner: type, name: str, make: Any) -> None:
     current = getattr(owner, name)
     if getattr(current, "_big5", False):
@@ -246,6 +275,12 @@ def register() -> None:
                 setattr(module, name, function)
     if hasattr(punica_cpu.PunicaWrapperCPU, "add_lora_logits"):
         _patch_method(punica_cpu.PunicaWrapperCPU, "add_lora_logits", _logits_guard)
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the CPU runner's base class
+
+        _patch_method(GPUModelRunner, "_bookkeeping_sync", _without_cpu_rewinds)
+    except (ImportError, AttributeError) as exc:
+        logger.warning("big5 seeded-sampling guard not installed: %s", exc)
     logger.debug("big5 grouped LoRA ops installed for vLLM's CPU backend")
     if _switched_off(SGMV_SWITCH):
         return

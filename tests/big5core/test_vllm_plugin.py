@@ -208,3 +208,30 @@ def test_wrapper_linear_equals_vllm_wrapper(
     has = torch.tensor(lora_ids) > 0
     torch.testing.assert_close(ours[has], theirs[has])
     assert torch.equal(ours[~has], start[~has])
+
+
+def test_seeded_cpu_generators_of_discarded_requests_are_set_aside() -> None:
+    """vLLM's rewind of a discarded sample (``set_offset``) does not exist for CPU generators; the plugin
+    sets those generators aside for the bookkeeping step (the engine core died without it)."""
+    import numpy as np
+    import torch
+
+    from big5core.vllm_plugin import set_aside_cpu_generators
+
+    cpu = torch.Generator(device="cpu")
+    with pytest.raises(RuntimeError, match="offset"):
+        cpu.set_offset(cpu.get_offset() - 4)  # what vLLM calls: the bug itself
+    generators = {0: cpu, 2: torch.Generator(device="cpu")}
+    held = set_aside_cpu_generators(generators, np.array([True, True, False]))
+    assert held == {0: cpu} and set(generators) == {2}
+
+
+def test_the_plugin_guards_the_bookkeeping_step() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from big5core import vllm_plugin
+
+    if not vllm_plugin.enabled():
+        pytest.skip("plugin switched off")
+    vllm_plugin.register()
+    assert getattr(GPUModelRunner._bookkeeping_sync, "_big5", False)
