@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 # weight 3 did no better, measured on a GPU). A step costs more than a plain one (each reply is
 # scored under the opposite level too), hence 80 steps. DPO unified, started from the
 # contrast-trained SFT, moves all five traits by +0.36..+0.65, so the default plan leaves per-trait
-# DPO to `--full`. Timed on 2 idle cores (2026-12-04, docs/RESULTS.md): 33 min in all.
+# DPO to `--full`. Timed on 2 idle cores (2026-12-04, docs/RESULTS.md): 33 min in all. DPO unified trains
+# with an NLL term on the chosen reply (`sft_weight` 1, TRL's "sft" loss beside the sigmoid), beta 0.5 and
+# lr 5e-4 (issue 25, 2026-12-07): plain DPO at lr 1e-3 (loss 0.002 at step 30) collapsed onto stock openings
+# (half of a condition's replies opening alike) and ignored the user (relevance 0.27x the real replies'); with
+# the NLL term its worst cell shares 8% and relevance is 0.85x, the judge gap >= +0.30 on every trait.
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
@@ -56,7 +60,9 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
         "layout": "unified",
         "init_from": "sft",
         "max_steps": 30,
-        "learning_rate": 1e-3,
+        "learning_rate": 5e-4,
+        "beta": 0.5,
+        "sft_weight": 1.0,
     },
 }
 FULL_TRAINING: dict[str, dict[str, Any]] = {
@@ -81,7 +87,9 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "layout": "unified",
         "init_from": "sft",
         "max_steps": 60,
-        "learning_rate": 1e-3,
+        "learning_rate": 5e-4,
+        "beta": 0.5,
+        "sft_weight": 1.0,
     },
 }
 COMMON_TRAINING: dict[str, Any] = {

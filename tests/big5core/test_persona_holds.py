@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -29,11 +31,22 @@ def test_holding_releases_when_the_block_fails(env: Env) -> None:  # noqa: F811
 
 def test_a_cancelled_async_resolve_releases_its_folder(env: Env) -> None:  # noqa: F811
     resolver = env.resolver()
+    composing, go_on = threading.Event(), threading.Event()
+    original = resolver._resolve
+
+    def slow_resolve(*args: Any, **kwargs: Any) -> Any:  # holds the thread until the caller is cancelled
+        composing.set()
+        go_on.wait(30)
+        return original(*args, **kwargs)
+
+    resolver._resolve = slow_resolve  # type: ignore[method-assign]
 
     async def cancelled() -> None:
         task = asyncio.create_task(resolver.aresolve(spec("sft", openness=0.75, neuroticism=-0.5)))
-        await asyncio.sleep(0.01)  # the thread is composing
+        while not composing.is_set():  # the thread is composing
+            await asyncio.sleep(0.01)
         task.cancel()
+        go_on.set()
         with pytest.raises(asyncio.CancelledError):
             await task
         deadline = time.monotonic() + 60
