@@ -99,7 +99,8 @@ def test_failing_requests_release_their_folders_and_runs_are_bounded(
     before = _composed(root)
     budget, cache.max_bytes = cache.max_bytes, 1  # the session's stack: put back below
     try:
-        body = generate_body(traits={"openness": 0.25, "extraversion": -0.75}, max_tokens=1)
+        # a vector no other test of the session composes (test_composed_residency uses the quarter grid)
+        body = generate_body(traits={"openness": 0.375, "extraversion": -0.625}, max_tokens=1)
         refused = assert_problem(limited.post("/v1/generate", json=body), 503, "composed-storage-full")
         assert int(limited.post("/v1/generate", json=body).headers["retry-after"]) > 0
     finally:
