@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 # lr 5e-4 (issue 25, 2026-12-07): plain DPO at lr 1e-3 (loss 0.002 at step 30) collapsed onto stock openings
 # (half of a condition's replies opening alike) and ignored the user (relevance 0.27x the real replies'); with
 # the NLL term its worst cell shares 8% and relevance is 0.85x, the judge gap >= +0.30 on every trait.
+# The unified adapters train with the answer-format term (`answer_format` 1, trainer/answer_format.py):
+# without it SFT unified answered half of BFI-44 (some conditions none) and DPO unified none; with it SFT
+# unified answers every item (issue 25, 2026-12-07; DPO with the term not yet measured).
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},
@@ -54,6 +57,7 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
         "max_steps": 80,
         "learning_rate": 1e-3,
         "level_contrast": 1.0,
+        "answer_format": 1.0,
     },
     "dpo-unified": {
         "method": "dpo",
@@ -63,6 +67,7 @@ QUICK_TRAINING: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-4,
         "beta": 0.5,
         "sft_weight": 1.0,
+        "answer_format": 1.0,
     },
 }
 FULL_TRAINING: dict[str, dict[str, Any]] = {
@@ -73,6 +78,7 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "max_steps": 200,
         "learning_rate": 1e-3,
         "level_contrast": 1.0,
+        "answer_format": 1.0,
     },
     "dpo-per-trait": {
         "method": "dpo",
@@ -90,6 +96,7 @@ FULL_TRAINING: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-4,
         "beta": 0.5,
         "sft_weight": 1.0,
+        "answer_format": 1.0,
     },
 }
 COMMON_TRAINING: dict[str, Any] = {

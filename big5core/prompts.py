@@ -162,6 +162,87 @@ def training_messages(
     return messages
 
 
+# ----------------------------------------------------------------------------- answer-format probes
+# (issue 25; trainer/answer_format.py uses these.) Rating questions in the shape of a questionnaire whose
+# statements are no inventory's and say nothing of a personality: mundane facts and everyday first-person
+# statements. A persona trained on dialogue alone stops answering such questions (it replies to them as to
+# a conversation); the answer-format term keeps its first answer token close to the base model's on these.
+
+FORMAT_PROBE_SCALES: tuple[tuple[str, ...], ...] = (
+    ("Disagree strongly", "Disagree a little", "Neither agree nor disagree", "Agree a little", "Agree strongly"),
+    ("Very inaccurate", "Moderately inaccurate", "Neither accurate nor inaccurate", "Moderately accurate",
+     "Very accurate"),
+    ("Never", "Rarely", "Sometimes", "Often", "Always"),
+    ("Not at all true", "Slightly true", "Somewhat true", "Mostly true", "Completely true"),
+    ("Strongly disagree", "Disagree", "Agree", "Strongly agree"),
+    ("Strongly disagree", "Disagree", "Slightly disagree", "Neutral", "Slightly agree", "Agree",
+     "Strongly agree"),
+)  # fmt: skip
+"""Answer scales of the probes: 4, 5 and 7 points, so no one scale is learned."""
+
+FORMAT_PROBE_INSTRUCTIONS: tuple[str, ...] = (
+    "Please rate the following statement.",
+    "How much do you agree with the statement below?",
+    "Read the statement and say how well it fits.",
+    "This is a short survey question.",
+    "Give your rating of the statement that follows.",
+    "How true is the statement below?",
+)
+
+FORMAT_PROBE_STATEMENTS: tuple[str, ...] = (
+    "Water boils when it is heated enough.",
+    "A week has seven days.",
+    "The sun rises in the east.",
+    "Most cars have four wheels.",
+    "Ice is colder than steam.",
+    "A triangle has three sides.",
+    "Fish live in water.",
+    "Bread is made from flour.",
+    "Winter is colder than summer in most places.",
+    "Two plus two is four.",
+    "Paper can be folded.",
+    "Trees have leaves or needles.",
+    "The moon can be seen at night.",
+    "Clocks show the time.",
+    "Rain falls from clouds.",
+    "Apples grow on trees.",
+    "A year has twelve months.",
+    "Snow is white.",
+    "Shoes are worn on the feet.",
+    "Most books have pages.",
+    "I know what a chair is.",
+    "I can count to ten.",
+    "I understand simple English sentences.",
+    "I know which day comes after Monday.",
+    "I have heard of the ocean.",
+    "I know what rain is.",
+    "I can tell red from blue.",
+    "I know that cats are animals.",
+    "I have seen a picture of a mountain.",
+    "I know what a spoon is for.",
+    "Statements in this survey are written in English.",
+    "This question asks for a rating.",
+    "A minute is shorter than an hour.",
+    "Milk is a drink.",
+    "Birds have feathers.",
+    "A door can be opened.",
+    "Roads are used by cars.",
+    "Grass is usually green.",
+    "Summer comes after spring.",
+    "A circle is round.",
+)
+
+
+def format_probe_text(index: int) -> str:
+    """The user message of probe ``index``: an instruction, an answer-format sentence (one of the option
+    wordings, on one of the scales) and a statement, the combination cycling with ``index``."""
+    statement = FORMAT_PROBE_STATEMENTS[index % len(FORMAT_PROBE_STATEMENTS)]
+    instruction = FORMAT_PROBE_INSTRUCTIONS[(index // 2) % len(FORMAT_PROBE_INSTRUCTIONS)]
+    anchors = FORMAT_PROBE_SCALES[(index // 3) % len(FORMAT_PROBE_SCALES)]
+    wording = option_wording(anchors, (index // 5) % len(OPTION_WORDINGS))
+    return f"{instruction} {wording}\n\nStatement: {statement}"
+
+
 # ----------------------------------------------------------------------------- PsychSteer data generation
 # (issue 16; trainer/datagen uses these. Kept at the end of the file as one block.)
 #

@@ -115,6 +115,13 @@ class TrainSpec(ConditionsSpec):
         "likely under its own level's instruction than under the opposite one (trainer/level_contrast.py); "
         "0 = plain SFT",
     )
+    answer_format: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the answer-format term beside the loss: KL from the base model of the first answer "
+        "token on rating questions whose statements are no inventory's (trainer/answer_format.py), so a persona "
+        "trained on dialogue still answers a questionnaire; 0 = none",
+    )
     seed: int = 0
     test_fraction: float = Field(
         0.2,

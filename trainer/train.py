@@ -131,6 +131,7 @@ CONDITIONING_METRICS = (
     "rewards/accuracies",
     "level/accuracy",  # the level-contrast SFT's: each reply more likely under its own level than the opposite
     "level/margin",
+    "format/kl",  # the answer-format term's KL from the base model on rating questions (trainer/answer_format.py)
 )
 """Training metrics passed on to the progress callback beside the loss."""
 
@@ -351,6 +352,12 @@ def train_adapter(
 
         trainer_cls = DPOTrainer
         args = DPOConfig(**common, beta=spec.beta, **dpo_losses(spec))
+    if spec.answer_format > 0:
+        from trainer.answer_format import AnswerFormatTerm, answer_format_trainer, probe_prompts
+
+        probes = probe_prompts(tokenizer, spec.layout, spec.instruction_placement)
+        term = AnswerFormatTerm(probes, spec.answer_format, pad_id=int(tokenizer.pad_token_id))
+        trainer_cls = answer_format_trainer(trainer_cls, term)
     trainer = trainer_cls(
         model=model,
         args=args,
