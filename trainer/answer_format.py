@@ -29,7 +29,9 @@ N_PROBES = 120
 PROBES_PER_STEP = 4
 
 
-def probe_prompts(tokenizer: Any, layout: Layout, placement: InstructionPlacement, n: int = N_PROBES) -> list[list[int]]:
+def probe_prompts(
+    tokenizer: Any, layout: Layout, placement: InstructionPlacement, n: int = N_PROBES
+) -> list[list[int]]:
     """Token ids of ``n`` probes, each ending where the assistant's answer begins."""
     conditions = parse_conditions(list(ALL_CONDITIONS))
     prompts = []
