@@ -62,7 +62,7 @@ def main() -> None:
     from big5.quickstart import train_all as train_plan
     from big5.quickstart_report import dialogue_tables
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator.judge import JudgeStore
 
     started = time.monotonic()

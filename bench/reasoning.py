@@ -63,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
     from big5core.traits import TRAITS
+    from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, lm_eval_version
     from evaluator.reasoning.lm import Big5LM
     from evaluator.reasoning.report import reasoning_table, table_figure
@@ -95,7 +95,7 @@ def main() -> None:
         return value or None
 
     try:
-        from big5core.persona import PersonaSpec
+        from big5personas.spec import PersonaSpec
 
         models: dict[str, Big5LM] = {}
         for key in conditions:
@@ -199,7 +199,7 @@ def finished_units(path: Path | None, run: dict[str, Any]) -> dict[tuple[str, st
 
 
 def pick_method(stack: Any, wanted: str, layout: str = "unified") -> tuple[str, str]:
-    from big5core import registry
+    from big5personas import registry
 
     if wanted == "prompt":
         return "prompt", "Prompt-Inst, as asked"
@@ -222,8 +222,8 @@ def condition(stack: Any, method: str, layout: str, trait: Any, value: int) -> s
     would otherwise pass over for the unified one."""
     if method == "prompt" or layout == "unified":
         return f"big5/{method}?{trait.value}={value}"
-    from big5core import registry
     from big5core.traits import Level
+    from big5personas import registry
 
     level = Level.HIGH if value > 0 else Level.LOW
     with stack.sessions() as session:  # the resolver's own per-trait lookup

@@ -31,9 +31,9 @@ def main() -> None:
 
     from lm_eval.models.huggingface import HFLM
 
-    from big5core.persona import PersonaSpec
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.spec import PersonaSpec
+    from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, items_from_samples, lm_eval_version, run_lm_eval
     from evaluator.reasoning.lm import Big5LM
     from evaluator.reasoning.report import bootstrap_ci

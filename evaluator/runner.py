@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
 from big5core.models import Assessment, AssessmentState
-from big5core.persona import PersonaResolver, ResolvedPersona
+from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
 from evaluator.inventories import Inventory

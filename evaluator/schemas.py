@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from big5core.generation import DEFAULT_DECODING, Decoding, SamplingOptions
-from big5core.persona import PersonaSpec
+from big5personas.spec import PersonaSpec
 from evaluator.inventories import InventoryItem, LikertScale
 from evaluator.scoring import DEFAULT_MIN_COVERAGE, DEFAULT_MIN_OPTION_MASS
 

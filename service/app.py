@@ -24,11 +24,11 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
-from big5core import registry
-from big5core.engine import PersonaEngine
 from big5core.models import AdapterState
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5engine.engine import PersonaEngine
+from big5personas import registry
+from big5personas.stack import Stack, build_stack
 from evaluator.reasoning import routes as reasoning_routes
 from evaluator.reasoning.settings import get_reasoning_settings
 from evaluator.routes import build_router as build_evaluator_router

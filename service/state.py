@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.runner import AssessmentRunner
 from service.errors import QueueFull

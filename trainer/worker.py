@@ -39,14 +39,15 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate, registry
+from big5core import jobs, migrate
 from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
 from big5core.db import engine_for, session_factory, transaction
 from big5core.errors import Conflict, Invalid
 from big5core.models import TrainingJob
-from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
 from big5core.training import TrainSpec
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas import registry
 from trainer import checkpoints
 from trainer.dataset import DatasetError
 from trainer.liveness import Liveness

@@ -69,7 +69,7 @@ def reason(
 def embedded(request: Any, resume: str | None, *, echo: bool = True) -> dict[str, Any]:
     """Prepare (or resume) and run on an engine started here; returns the run, its units and its table."""
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator.reasoning import store
     from evaluator.reasoning.errors import ReasoningRunNotFound, TaskDataMissing, UnknownTask
     from evaluator.reasoning.harness import UnitResult

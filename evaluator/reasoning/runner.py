@@ -31,9 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
-from big5core.engine import PersonaEngine
 from big5core.models import ReasoningRun, ReasoningState
-from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
+from big5engine.engine import PersonaEngine
+from big5personas.resolver import PersonaResolver, ResolvedPersona
+from big5personas.spec import PersonaSpec
 from evaluator.reasoning import store
 from evaluator.reasoning.errors import ReasoningRunNotResumable
 from evaluator.reasoning.schemas import ReasoningRequest

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from big5core.generation import GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5personas.stack import Stack, build_stack
 from evaluator import store
 from evaluator.administer import parse_answer
 from evaluator.inventories import Inventory

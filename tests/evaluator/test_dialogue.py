@@ -16,8 +16,8 @@ from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
 from big5core.generation import DEFAULT_DECODING, ContinuationScore, GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
 from big5core.traits import TRAITS
+from big5personas.stack import Stack, build_stack
 from evaluator.dialogue import DIALOGUE_INVENTORY, DialogueSetError, load_dialogue_set
 from evaluator.judge import JudgeStore
 from evaluator.runner import AssessmentRunner
@@ -211,9 +211,9 @@ def _add_adapter(session: Any, name: str, hyperparams: dict[str, Any]) -> None:
 
 
 def _persona(ref: str) -> Any:
-    from big5core.persona import ResolvedPersona
     from big5core.prompts import TemplateId
     from big5core.traits import Method
+    from big5personas.resolver import ResolvedPersona
 
     return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
 

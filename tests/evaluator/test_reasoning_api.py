@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import build_stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import build_stack
 from service.app import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # see pyproject: passed 2026-12-02, outside the default run

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from big5core.engine import PersonaEngine
 from big5core.models import ReasoningItem, ReasoningResult, ReasoningRun
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack, build_stack
 from evaluator.reasoning.harness import evaluate_unit
 from evaluator.reasoning.lm import Big5LM
 from evaluator.reasoning.report import bootstrap_ci

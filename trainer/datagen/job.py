@@ -15,12 +15,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from big5core import jobs, registry
+from big5core import jobs
 from big5core.datagen import DatagenError, DatagenSpec, TraitScorer
 from big5core.db import transaction
-from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
 from big5core.traits import Level, Trait
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas import registry
 from trainer.datagen.generate import Condition, Generator, fingerprint
 from trainer.datagen.io import PartFile, read_scenarios
 from trainer.datagen.steering import ExpertSource, SteeringModels

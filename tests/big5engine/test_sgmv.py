@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from big5core import sgmv
+from big5engine import sgmv
 
 pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 

@@ -5,8 +5,8 @@ thread; every public coroutine submits its work there (``run_coroutine_threadsaf
 with ``wrap_future``, so FastAPI's loop, a CLI's ``asyncio.run`` and each test's loop can all call it.
 Streams bridge through a per-call queue on the caller's loop; cancelling a caller aborts the request.
 vLLM is imported only inside methods: importing this module is cheap and safe under ``spawn``.
-LoRA on CPU: "no adapter" (LoRA index -1) is handled by the grouped ops of :mod:`big5core.vllm_plugin`,
-or else sent as an explicit zero adapter -- see :mod:`big5core.lora` for the upstream bug
+LoRA on CPU: "no adapter" (LoRA index -1) is handled by the grouped ops of :mod:`big5engine.vllm_plugin`,
+or else sent as an explicit zero adapter -- see :mod:`big5engine.lora` for the upstream bug
 (vllm-project/vllm PRs #49656, #48421).
 """
 
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from big5core.errors import Invalid, Unavailable
 from big5core.generation import ContinuationScore, GenerationChunk, GenerationResult, OptionScores, SamplingOptions
-from big5core.lora import AdapterTable, LoraHandle, lora_engine_setup
-from big5core.option_tokens import OptionTokenCheck, OptionTokensUnavailable, check_option_tokens, encode_pair
 from big5core.prompts import ChatMessage
 from big5core.settings import EngineSettings
+from big5engine.lora import AdapterTable, LoraHandle, lora_engine_setup
+from big5engine.option_tokens import OptionTokenCheck, OptionTokensUnavailable, check_option_tokens, encode_pair
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, RequestOutput, SamplingParams
@@ -132,9 +132,9 @@ class PersonaEngine:
     """vLLM ``AsyncLLM`` on a private event-loop thread; its coroutines work from any event loop.
 
     ``zero_adapter_for_base``: serve ``lora=None`` through an all-zero adapter instead of LoRA index
-    -1 (the vLLM-CPU bug described in :mod:`big5core.lora`, upstream PRs #49656 and #48421). ``None``
+    -1 (the vLLM-CPU bug described in :mod:`big5engine.lora`, upstream PRs #49656 and #48421). ``None``
     means on when LoRA is enabled, no CUDA device is present and the grouped-ops plugin
-    (:mod:`big5core.vllm_plugin`, which handles -1 itself) is not active. When on, the zero adapter
+    (:mod:`big5engine.vllm_plugin`, which handles -1 itself) is not active. When on, the zero adapter
     is pinned in one extra LoRA slot, so ``engine.max_loras`` real adapters still fit in a batch.
     Its folder is written once under ``work_dir``.
     """

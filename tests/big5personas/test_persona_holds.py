@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from big5core.compose_cache import ComposedStorageFull
 from big5core.settings import ServiceSettings
-from tests.big5core.test_persona import Env, env, spec  # noqa: F401 - env is a fixture
+from big5engine.compose_cache import ComposedStorageFull
+from tests.big5personas.test_persona import Env, env, spec  # noqa: F401 - env is a fixture
 
 
 def test_holding_releases_when_the_block_fails(env: Env) -> None:  # noqa: F811

@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core import migrate
 from big5core.db import engine_for, session_factory
 from big5core.demos import demo_examples
-from big5core.modelstore import base_model_id, resolve_base_model
-from big5core.persona import PersonaResolver
 from big5core.settings import Settings
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas.resolver import PersonaResolver
 
 if TYPE_CHECKING:
-    from big5core.engine import PersonaEngine
+    from big5engine.engine import PersonaEngine
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Stack:
     resolver: PersonaResolver
 
     def make_engine(self, *, enable_lora: bool = True) -> PersonaEngine:
-        from big5core.engine import PersonaEngine
+        from big5engine.engine import PersonaEngine
 
         return PersonaEngine(
             self.base_model_path,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from big5core import vllm_plugin
-from big5core.engine import EngineNotReady, PersonaEngine, PromptTooLong
 from big5core.generation import GenerationResult, SamplingOptions
-from big5core.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from big5core.prompts import ChatMessage
+from big5engine import vllm_plugin
+from big5engine.engine import EngineNotReady, PersonaEngine, PromptTooLong
+from big5engine.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from tests.engine_support import TEST_ENGINE, engine_model_path, start_test_engine
 
 GREEDY = SamplingOptions(max_tokens=48)
@@ -92,7 +92,7 @@ class _DyingLLM:
 
 
 def test_requests_in_flight_when_the_engine_dies_get_not_ready(tmp_path: Path) -> None:
-    from big5core.engine import _LoopThread
+    from big5engine.engine import _LoopThread
 
     dying = PersonaEngine(engine_model_path(), TEST_ENGINE, work_dir=tmp_path)
     dying._llm, dying._thread = _DyingLLM(), _LoopThread("dying-engine")  # type: ignore[assignment]

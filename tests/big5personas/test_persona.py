@@ -12,23 +12,17 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-import big5core.compose_cache as compose_cache_module
-from big5core.compose import delta_weights
+import big5engine.compose_cache as compose_cache_module
 from big5core.db import make_engine, session_factory
 from big5core.models import Adapter, AdapterState, Base
-from big5core.modelstore import sha256_tree
-from big5core.persona import (
-    AdapterNotReadyError,
-    ChecksumMismatch,
-    PersonaError,
-    PersonaNotFound,
-    PersonaResolver,
-    PersonaSpec,
-    composed_name,
-)
 from big5core.prompts import ChatMessage, TemplateId, prompt_inst, unified_instruction
 from big5core.settings import EngineSettings, ServiceSettings, Settings
 from big5core.traits import Level, Method, Trait
+from big5engine.compose import delta_weights
+from big5engine.modelstore import sha256_tree
+from big5personas.registry import ChecksumMismatch
+from big5personas.resolver import AdapterNotReadyError, PersonaNotFound, PersonaResolver, composed_name
+from big5personas.spec import PersonaError, PersonaSpec
 
 BASE = "tiny/llama-test"
 MODULES = ("q_proj", "v_proj")
