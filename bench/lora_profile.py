@@ -50,7 +50,7 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     from big5core.settings import get_settings
-    from big5engine.engine import cpu_env_defaults
+    from big5engine.cpu import cpu_env_defaults
     from big5engine.modelstore import resolve_base_model
 
     settings = get_settings()

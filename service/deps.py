@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from big5core.settings import ServiceSettings
-from big5engine.engine import EngineNotReady
+from big5engine.errors import EngineNotReady
 from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.runner import AssessmentRunner
 from service.errors import Forbidden, Unauthorized

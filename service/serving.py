@@ -29,7 +29,8 @@ from big5core.generation import GenerationChunk, GenerationResult, SamplingOptio
 from big5core.prompts import ChatMessage
 from big5core.settings import ServiceSettings
 from big5engine.compose_cache import COMPOSED_PREFIX, Residency
-from big5engine.engine import EngineNotReady, PersonaEngine, PromptTooLong
+from big5engine.engine import PersonaEngine
+from big5engine.errors import EngineNotReady, PromptTooLong
 from big5engine.lora import LoraHandle
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from big5personas.spec import PersonaSpec

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from big5core.errors import redact_paths
-from big5engine.engine import EngineNotReady
+from big5engine.errors import EngineNotReady
 from service.deps import MaybeStateDep, StateDep, require_metrics_access
 from service.errors import PROBLEM_MEDIA_TYPE, problem_body
 from service.middleware import current_request_id

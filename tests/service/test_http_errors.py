@@ -182,7 +182,7 @@ def test_unversioned_aliases_are_in_the_openapi_document(client: TestClient) -> 
 def _domain_error_classes() -> list[type[BaseException]]:
     import big5core.jobs
     import big5engine.compose
-    import big5engine.engine
+    import big5engine.errors
     import big5engine.modelstore
     import big5engine.option_tokens
     import big5personas.registry
@@ -192,7 +192,7 @@ def _domain_error_classes() -> list[type[BaseException]]:
     import evaluator.store
     import trainer.worker
 
-    modules = [big5engine.compose, big5engine.engine, big5core.jobs, big5engine.modelstore, big5personas.resolver]
+    modules = [big5engine.compose, big5engine.errors, big5core.jobs, big5engine.modelstore, big5personas.resolver]
     modules += [big5personas.spec, big5engine.option_tokens, big5personas.registry, evaluator.inventories]
     modules += [evaluator.store, trainer.worker]
     return [
