@@ -429,7 +429,7 @@ def plan_assessments(
 ) -> dict[str, Planned]:
     """Every assessment of the quickstart's tables, each found done already (reused) or to run."""
     from evaluator import store
-    from evaluator.dialogue import DIALOGUE_INVENTORY
+    from evaluator.inventories import DIALOGUE_INVENTORY
     from evaluator.schemas import AssessRequest
 
     plan: dict[str, Planned] = {}

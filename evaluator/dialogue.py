@@ -44,10 +44,10 @@ from big5core.prompts import ChatMessage
 from big5personas.resolver import ResolvedPersona
 from evaluator import quality
 from evaluator.administer import Engine, ProgressFn, Response, Scores
+from evaluator.inventories import DIALOGUE_INVENTORY
 from evaluator.judge import TraitJudge
 from evaluator.stats import bootstrap_ci
 
-DIALOGUE_INVENTORY = "big5chat-dialogue"
 DIALOGUE_SCORING = "judge"
 
 Split = Literal["heldout", "all"]

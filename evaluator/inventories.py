@@ -26,6 +26,8 @@ CSV_COLUMNS: tuple[str, ...] = ("id", "text", "trait", "facet", "keyed")
 TEMPLATE_FIELDS: frozenset[str] = frozenset({"statement", "statement_lower"})
 POOLED = "pooled"
 """Default norm group: equal-weight pool of a source's demographic groups."""
+DIALOGUE_INVENTORY = "big5chat-dialogue"
+"""The dialogue assessment (:mod:`evaluator.dialogue`): replies to Speaker X turns scored by the trait judge."""
 
 _FACET_CODE = re.compile(r"^([OCEAN])\d+$")
 

@@ -30,7 +30,7 @@ from big5core.models import Assessment, AssessmentState
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
-from evaluator.inventories import Inventory
+from evaluator.inventories import DIALOGUE_INVENTORY, Inventory
 from evaluator.judge import JudgeStore
 from evaluator.schemas import AssessRequest
 
@@ -96,7 +96,7 @@ class AssessmentRunner:
     ) -> tuple[str, ResolvedPersona, Instrument]:
         options = request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"})
         turns: dialogue.DialogueSet | None = None
-        if request.inventory == dialogue.DIALOGUE_INVENTORY:
+        if request.inventory == DIALOGUE_INVENTORY:
             turns = self.dialogue_set()
             self.judges.get()  # a missing or corrupt judge is refused now, not after the replies are generated
             options["dialogue_set"] = {"source": turns.source, "items_hash": turns.items_hash}

@@ -27,13 +27,17 @@ from pydantic.json_schema import models_json_schema
 from big5core.models import AdapterState
 from big5core.settings import Settings
 from big5engine.engine import PersonaEngine
+from big5engine.errors import EngineNotReady
 from big5personas import registry
 from big5personas.stack import Stack, build_stack
 from evaluator.reasoning import routes as reasoning_routes
+from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.reasoning.settings import get_reasoning_settings
 from evaluator.routes import build_router as build_evaluator_router
+from evaluator.runner import AssessmentRunner
 from service import errors
-from service.deps import get_reasoning_runner, get_runner, get_session, get_state, require_admin, require_client
+from service.admission import Admission
+from service.deps import StateDep, get_session, get_state, require_admin, require_client
 from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
@@ -44,7 +48,7 @@ from service.middleware import (
 from service.routes import adapters, datagen, generate, health, openai, training
 from service.schemas import ChatCompletionChunk, GenerateStreamEvent, Problem, problems
 from service.serving import GenerationService
-from service.state import Admission, AdmittedReasoningRunner, AdmittedRunner, ServiceState
+from service.state import AdmittedReasoningRunner, AdmittedRunner, ServiceState
 from service.supervisor import EngineSupervisor
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,20 @@ def _version() -> str:
         return version("big5chat")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0.0.0"
+
+
+# The evaluator's routers reach their runners through these (wiring: only this composition root names
+# the evaluator's types).
+def get_runner(state: StateDep) -> AssessmentRunner:
+    """The assessment runner; 503 while the engine cannot run assessments."""
+    if not state.engine.ready:
+        raise EngineNotReady(state.engine.error or "the engine is starting")
+    return state.runner
+
+
+def get_reasoning_runner(state: StateDep) -> ReasoningRunner:
+    """The reasoning runner built by the lifespan (its routes check the engine where they need it)."""
+    return state.reasoning
 
 
 def create_app(

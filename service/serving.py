@@ -5,7 +5,7 @@ length check (prompt tokens + max_tokens against the engine's context) -> engine
 the persona has an adapter -> engine.generate / engine.stream with that handle. Requests for
 different personas in flight at once share the engine's batch: each carries its own LoRA request.
 
-Every call is admitted first (:class:`~service.state.Admission`) and bounded by
+Every call is admitted first (:class:`~service.admission.Admission`) and bounded by
 ``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
 
 A composed adapter's folder is held on disk from resolve to the end of the request, on every path
@@ -34,10 +34,10 @@ from big5engine.errors import EngineNotReady, PromptTooLong
 from big5engine.lora import LoraHandle
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from big5personas.spec import PersonaSpec
+from service.admission import Admission, Slot
 from service.errors import AdapterLoadFailed, GenerationTimeout
 from service.metrics import ServiceMetrics
 from service.schemas import REST_OF_CONTEXT
-from service.state import Admission, Slot
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from big5core.models import Assessment, ItemResponse, TraitScore
 from big5core.settings import Settings
 from big5core.traits import TRAITS
 from big5personas.stack import Stack, build_stack
-from evaluator.dialogue import DIALOGUE_INVENTORY, DialogueSetError, load_dialogue_set
+from evaluator.dialogue import DialogueSetError, load_dialogue_set
+from evaluator.inventories import DIALOGUE_INVENTORY
 from evaluator.judge import JudgeStore
 from evaluator.runner import AssessmentRunner
 from evaluator.schemas import AssessRequest
