@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from big5core.traits import TRAITS, Trait
+from big5core.traits import TRAITS, Level, Trait
 from evaluator.fidelity import Condition, Gap, MethodFidelity, analyse
 
 METHOD_LABELS = {"direct": "Direct", "prompt": "Prompt-Inst", "demo": "Prompt-Demo", "sft": "SFT", "dpo": "DPO"}
@@ -211,7 +211,7 @@ def load_conditions(
 ) -> tuple[list[Condition], dict[Trait, list[str]], dict[str, list[str]]]:
     """Every done log-prob assessment of ``inventory`` with ``runs`` runs, as recoded answers per run."""
     from evaluator import scoring, store
-    from evaluator.report import single_pole
+    from evaluator.report import single_trait
 
     conditions: list[Condition] = []
     adapters: dict[str, set[str]] = {}
@@ -225,7 +225,7 @@ def load_conditions(
                 continue
             if (a.method, a.persona_key) in seen:
                 continue
-            pole = single_pole(a) if a.method != "direct" else None
+            pole = single_trait(a) if a.method != "direct" else None
             if a.method != "direct" and (pole is None or abs(pole[1]) != 1.0):
                 continue
             seen.add((a.method, a.persona_key))
@@ -235,7 +235,7 @@ def load_conditions(
             for r in store.responses(session, a.id):
                 per_run[r.run][r.item_id] = r.value
             recoded = [scoring.recoded_answers(inv.items, answers, inv.scale.points) for answers in per_run]
-            trait, level = (None, None) if pole is None else (pole[0], "high" if pole[1] > 0 else "low")
+            trait, level = (None, None) if pole is None else (pole[0], Level.of(pole[1]).value)
             conditions.append(Condition(a.method, trait, level, recoded))
     return conditions, items_by_trait, {k: sorted(v) for k, v in adapters.items()}
 

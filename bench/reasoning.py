@@ -225,7 +225,7 @@ def condition(stack: Any, method: str, layout: str, trait: Any, value: int) -> s
     from big5core.traits import Level
     from big5personas import registry
 
-    level = Level.HIGH if value > 0 else Level.LOW
+    level = Level.of(value)
     with stack.sessions() as session:  # the resolver's own per-trait lookup
         row = registry.find(
             session,

@@ -78,7 +78,7 @@ def intensity_word(value: float) -> str:
 def prompt_inst_sentence(trait: Trait, value: float) -> str:
     """One Prompt-Inst sentence for a trait value: the paper's line at |v| >= 0.875, else with an
     intensity word (``You are a person with fairly high openness.``)."""
-    level = Level.HIGH if value > 0 else Level.LOW
+    level = Level.of(value)
     word = intensity_word(value)
     return prompt_inst(trait, level) if not word else f"You are a person with {word} {level.value} {trait.value}."
 

@@ -47,7 +47,7 @@ from big5core.prompts import (
     with_system,
 )
 from big5core.settings import Settings
-from big5core.traits import TRAITS, Level, Method, Trait, TraitVector
+from big5core.traits import TRAITS, Level, Method, Trait, TraitVector, single_pole
 from big5engine.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
 from big5personas import registry
 from big5personas.registry import AdapterRef, RegistryError
@@ -74,15 +74,6 @@ def composed_name(parts: Sequence[tuple[str, float]]) -> str:
     """Deterministic engine name of a composition from its parts' (sha256, weight), in order."""
     payload = json.dumps([[sha, round(float(w), 6)] for sha, w in parts], separators=(",", ":"))
     return COMPOSED_PREFIX + hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _single_pole(traits: Mapping[Trait, float]) -> tuple[Trait, Level] | None:
-    if len(traits) != 1:
-        return None
-    ((trait, value),) = traits.items()
-    if abs(value) != 1.0:
-        return None
-    return trait, Level.HIGH if value > 0 else Level.LOW
 
 
 def _describe(traits: Mapping[Trait, float]) -> str:
@@ -281,7 +272,7 @@ class PersonaResolver:
     # -- prompt baselines --------------------------------------------------------------------
 
     def _prompt(self, traits: dict[Trait, float]) -> ResolvedPersona:
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         if pole is not None:
             prefix = prompt_inst(*pole)
         else:
@@ -291,7 +282,7 @@ class PersonaResolver:
         )
 
     def _demo(self, traits: dict[Trait, float]) -> ResolvedPersona:
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         if pole is None:
             raise PersonaError(f"Prompt-Demo needs exactly one trait at high or low (-1 or 1); got {_describe(traits)}")
         if self._demo_examples is None:
@@ -355,7 +346,7 @@ class PersonaResolver:
             method = Method(info.method)  # method left at its default: take the adapter's
         part = ({"adapter": info.ref, "weight": 1.0},)
         if info.layout == UNIFIED:
-            pole = _single_pole(traits)
+            pole = single_pole(traits)
             if pole is None:
                 raise PersonaError(
                     f"adapter {info.ref} is a unified adapter: give exactly one trait at high or low; "
@@ -387,7 +378,7 @@ class PersonaResolver:
 
     def _by_traits(self, method: Method, traits: dict[Trait, float]) -> ResolvedPersona:
         key = persona_key(method, traits)
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         found: list[tuple[_AdapterInfo, float]] = []
         with self._sessions() as session:
             unified = None
@@ -399,7 +390,7 @@ class PersonaResolver:
             missing: list[str] = []
             rows: list[Adapter] = []
             for trait in (t for t in TRAITS if t in traits):
-                level = Level.HIGH if traits[trait] > 0 else Level.LOW
+                level = Level.of(traits[trait])
                 row = registry.find(
                     session,
                     method=method.value,

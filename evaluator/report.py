@@ -199,7 +199,8 @@ def _order(key: GroupKey) -> tuple[int, GroupKey]:
     return (METHOD_ORDER.index(key.method) if key.method in METHOD_ORDER else 99, key)
 
 
-def single_pole(assessment: Assessment) -> tuple[Trait, float] | None:
+def single_trait(assessment: Assessment) -> tuple[Trait, float] | None:
+    """The one trait an assessment's persona sets, at whatever intensity (None for none or several)."""
     traits = (assessment.resolved_persona or {}).get("traits") or {}
     nonzero = {k: v for k, v in traits.items() if v}
     if len(nonzero) != 1:
@@ -250,7 +251,7 @@ def paper_table(
                 if value is not None:
                     side.values.append(value)
             continue
-        pole = single_pole(a)
+        pole = single_trait(a)
         if pole is None or abs(pole[1]) != 1.0:
             continue
         trait, value = pole

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from big5core.traits import TRAITS, Trait
+from big5core.traits import TRAITS, Trait, single_pole
 
 SUMMARY = "mean"
 PAPER_DIRECTION = {"conscientiousness": 1, "agreeableness": 1, "extraversion": -1, "neuroticism": -1}
@@ -114,14 +114,11 @@ def _cell_text(c: Cell | None) -> str:
 
 
 def condition(method: str, traits: Mapping[str, float]) -> tuple[str, str] | None:
-    """(trait, 'high'|'low') for a single trait at +-1; None otherwise."""
-    nonzero = {k: v for k, v in traits.items() if v}
-    if method == "direct" or len(nonzero) != 1:
+    """(trait, 'high'|'low') for a single trait at +-1 (:func:`~big5core.traits.single_pole`); None otherwise."""
+    if method == "direct":
         return None
-    ((trait, value),) = nonzero.items()
-    if abs(float(value)) != 1.0:
-        return None
-    return trait, "high" if value > 0 else "low"
+    pole = single_pole({Trait(k): float(v) for k, v in traits.items()})
+    return None if pole is None else (pole[0].value, pole[1].value)
 
 
 def bootstrap_ci(
