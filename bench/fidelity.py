@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from big5core.traits import TRAITS, Level, Trait
+from big5core.traits import ADAPTER_METHODS, METHOD_ORDER, TRAITS, Level, Method, Trait
 from evaluator.fidelity import Condition, Gap, MethodFidelity, analyse
 
 METHOD_LABELS = {"direct": "Direct", "prompt": "Prompt-Inst", "demo": "Prompt-Demo", "sft": "SFT", "dpo": "DPO"}
@@ -67,7 +67,7 @@ def main() -> None:
 
     started = time.monotonic()
     inventories = [] if args.skip_questionnaires else (args.inventory or ["ipip_neo_120", "bfi44"])
-    methods = args.method or ["direct", "prompt", "demo", "sft", "dpo"]
+    methods = args.method or [m.value for m in METHOD_ORDER]
     settings = get_settings()
     stack = build_stack(settings)
     print(f"# fidelity bench {dt.date.today()}: {' '.join(sys.argv)}", flush=True)
@@ -244,7 +244,7 @@ def target_met(results: dict[str, MethodFidelity], trait: Trait) -> dict[str, An
     prompt = results.get("prompt")
     prompt_gap = prompt.gaps[trait].gap if prompt and trait in prompt.gaps else None
     out: dict[str, Any] = {}
-    for method in ("sft", "dpo"):
+    for method in (m.value for m in ADAPTER_METHODS):
         fid = results.get(method)
         if fid is None or trait not in fid.gaps:
             continue
@@ -298,7 +298,7 @@ def markdown(
     results: dict[str, MethodFidelity],
     adapters: dict[str, list[str]],
 ) -> str:
-    order = [m for m in ("prompt", "demo", "sft", "dpo") if m in results] + sorted(
+    order = [m.value for m in METHOD_ORDER if m in results and m is not Method.DIRECT] + sorted(
         m for m in results if m not in METHOD_LABELS
     )
     lines = [f"\n### {inventory}, {runs} run(s) per condition\n"]

@@ -80,6 +80,14 @@ class Method(StrEnum):
     DIRECT = "direct"
 
 
+METHOD_ORDER: tuple[Method, ...] = (Method.DIRECT, Method.PROMPT, Method.DEMO, Method.SFT, Method.DPO)
+"""The order tables, plans and reports list the methods in: the no-persona baseline, the prompting
+baselines, then the adapters. (The enum's own order is kept: it is the OpenAPI document's.)"""
+
+ADAPTER_METHODS: tuple[Method, ...] = (Method.SFT, Method.DPO)
+"""The methods that apply a trained adapter."""
+
+
 TraitValue = Annotated[float, Field(ge=-1.0, le=1.0)] | Literal["high", "low"]
 
 

@@ -47,7 +47,8 @@ from big5core.prompts import (
     with_system,
 )
 from big5core.settings import Settings
-from big5core.traits import TRAITS, Level, Method, Trait, TraitVector, single_pole
+from big5core.training import PER_TRAIT, UNIFIED
+from big5core.traits import ADAPTER_METHODS, TRAITS, Level, Method, Trait, TraitVector, single_pole
 from big5engine.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
 from big5personas import registry
 from big5personas.registry import AdapterRef, RegistryError
@@ -55,9 +56,7 @@ from big5personas.spec import PersonaError, PersonaSpec, fmt_value, persona_key
 
 logger = logging.getLogger(__name__)
 
-UNIFIED, PER_TRAIT = "unified", "per-trait"
 COMPOSED_DIRNAME = "_composed"
-ADAPTER_METHODS = (Method.SFT, Method.DPO)
 
 
 class PersonaNotFound(NotFound):

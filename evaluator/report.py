@@ -19,10 +19,9 @@ from typing import Any
 from big5core.errors import Invalid
 from big5core.models import Assessment
 from big5core.prompts import TemplateId
-from big5core.traits import TRAITS, Level, Trait
+from big5core.training import PER_TRAIT, UNIFIED
+from big5core.traits import METHOD_ORDER, TRAITS, Level, Trait
 from evaluator.scoring import Reliability
-
-METHOD_ORDER = ("direct", "prompt", "demo", "sft", "dpo")
 
 _PER_TRAIT_SUFFIX = re.compile(
     "-(" + "|".join(t.value for t in TRAITS) + ")-(" + "|".join(lv.value for lv in Level) + ")$"
@@ -70,9 +69,9 @@ def group_key(assessment: Assessment) -> GroupKey:
     if adapter is None:
         layout = None
     elif resolved.get("template_id") in (TemplateId.UNIFIED, TemplateId.UNIFIED_SYSTEM):  # user or system turn
-        layout = "unified"
+        layout = UNIFIED
     else:
-        layout = "per-trait"
+        layout = PER_TRAIT
     return GroupKey(
         method=assessment.method,
         adapter=adapter,

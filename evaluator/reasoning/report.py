@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from big5core.traits import TRAITS, Trait, single_pole
+from big5core.traits import METHOD_ORDER, TRAITS, Trait, single_pole
 
 SUMMARY = "mean"
 PAPER_DIRECTION = {"conscientiousness": 1, "agreeableness": 1, "extraversion": -1, "neuroticism": -1}
 N_RESAMPLES = 2000
-METHOD_ORDER = ("prompt", "demo", "sft", "dpo")
 
 
 @dataclass
