@@ -32,7 +32,7 @@ from big5core.prompts import ChatMessage, with_prefix
 from big5engine.engine import PersonaEngine
 from big5engine.option_tokens import encode_pair
 from big5personas.resolver import PersonaResolver, ResolvedPersona
-from big5personas.spec import PersonaSpec
+from big5personas.spec import KEY_PREFIX, PersonaSpec
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -56,7 +56,7 @@ def persona_spec(persona: str | PersonaSpec) -> PersonaSpec:
     if isinstance(persona, PersonaSpec):
         return persona
     text = str(persona).strip()
-    return PersonaSpec.from_model_name(text if text.lower().startswith("big5/") else "big5/" + text)
+    return PersonaSpec.from_model_name(text if text.lower().startswith(KEY_PREFIX) else KEY_PREFIX + text)
 
 
 class _Runtime:
