@@ -36,9 +36,9 @@ def main() -> None:
     from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, items_from_samples, lm_eval_version, run_lm_eval
     from evaluator.reasoning.lm import Big5LM
-    from evaluator.reasoning.report import bootstrap_ci
     from evaluator.reasoning.settings import get_reasoning_settings
     from evaluator.reasoning.tasks import resolve_tasks
+    from evaluator.stats import mean_of_means_ci
 
     rsettings = get_reasoning_settings(**({} if args.data_dir is None else {"data_dir": args.data_dir}))
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
@@ -89,7 +89,7 @@ def main() -> None:
             ),
             default=float("nan"),
         )
-        ci = bootstrap_ci([diffs]) or (float("nan"), float("nan"))
+        ci = mean_of_means_ci([diffs]) or (float("nan"), float("nan"))
         a = 100 * np.mean([mine[d].score for d in common])
         b = 100 * np.mean([other[d].score for d in common])
         print(
