@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from big5core.backoff import backoff_delays
 from big5core.db import transaction
 from big5core.models import Assessment, AssessmentState
 from big5personas.resolver import PersonaResolver, ResolvedPersona
@@ -289,8 +290,7 @@ class AssessmentRunner:
         Gives up after ``STALE_AFTER``, when the stale-heartbeat sweep at the next start takes over.
         """
         deadline = time.monotonic() + STALE_AFTER.total_seconds()
-        delay = 1.0
-        while True:
+        for delay in backoff_delays(1.0, 30.0):
             try:
                 await asyncio.to_thread(self._mark_failed, assessment_id, error)
                 return
@@ -300,7 +300,6 @@ class AssessmentRunner:
                     return
                 logger.warning("could not mark assessment %s failed yet; retrying in %.0f s", assessment_id, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
         return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
