@@ -66,19 +66,18 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
 
-    from big5core.settings import get_settings
+    from big5core.settings import ReasoningSettings, get_settings
     from big5core.traits import TRAITS
     from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, lm_eval_version
     from evaluator.reasoning.lm import Big5LM
     from evaluator.reasoning.report import reasoning_table, table_figure
-    from evaluator.reasoning.settings import get_reasoning_settings
     from evaluator.reasoning.tasks import resolve_tasks
 
     overrides: dict[str, Any] = {"max_gen_toks": args.max_gen_toks, "concurrency": args.concurrency}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
-    rsettings = get_reasoning_settings(**overrides)
+    rsettings = ReasoningSettings.model_validate({**get_settings().reasoning.model_dump(), **overrides})
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
     settings = get_settings()
     stack = build_stack(settings, migrate_db=False)

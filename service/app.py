@@ -32,7 +32,6 @@ from big5personas import registry
 from big5personas.stack import Stack, build_stack
 from evaluator.reasoning import routes as reasoning_routes
 from evaluator.reasoning.runner import ReasoningRunner
-from evaluator.reasoning.settings import get_reasoning_settings
 from evaluator.routes import build_router as build_evaluator_router
 from evaluator.runner import AssessmentRunner
 from service import errors
@@ -149,7 +148,7 @@ async def _start(
             built.sessions,
             built.resolver,
             engine,
-            get_reasoning_settings(),
+            settings.reasoning,
             admission=admission,
             runs=Admission(
                 settings.service.max_reasoning_runs, metrics, what="reasoning runs", reason="reasoning_runs_full"

@@ -76,12 +76,11 @@ def embedded(request: Any, resume: str | None, *, echo: bool = True) -> dict[str
     from evaluator.reasoning.report import reasoning_table
     from evaluator.reasoning.routes import run_out
     from evaluator.reasoning.runner import ReasoningRunner
-    from evaluator.reasoning.settings import get_reasoning_settings
 
     stack = build_stack(get_settings())
     engine = stack.make_engine()
     try:
-        runner = ReasoningRunner(stack.sessions, stack.resolver, engine, get_reasoning_settings())
+        runner = ReasoningRunner(stack.sessions, stack.resolver, engine, stack.settings.reasoning)
         try:
             if resume is not None:
                 runner.check_resumable(resume)

@@ -32,13 +32,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
 from big5core.models import ReasoningRun, ReasoningState
+from big5core.settings import ReasoningSettings
 from big5engine.engine import PersonaEngine
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from big5personas.spec import PersonaSpec
 from evaluator.reasoning import store
 from evaluator.reasoning.errors import ReasoningRunNotResumable
 from evaluator.reasoning.schemas import ReasoningRequest
-from evaluator.reasoning.settings import ReasoningSettings
 from evaluator.reasoning.tasks import TaskInfo, resolve_tasks, task_info
 
 if TYPE_CHECKING:

@@ -29,10 +29,10 @@ def client(
     work = tmp_path_factory.mktemp("reasoning-api") / "data"
     work.mkdir()
     (work / "models").symlink_to(data_dir / "models", target_is_directory=True)
-    settings = Settings(data_dir=work, database_url=pg_url)
-    stack = build_stack(settings)
     mp = pytest.MonkeyPatch()
     mp.delenv("BIG5_REASONING__DATA_DIR", raising=False)  # the bundled data only: PIQA/SocialIQA missing
+    settings = Settings(data_dir=work, database_url=pg_url)
+    stack = build_stack(settings)
     try:
         with TestClient(create_app(settings, stack=stack, engine=engine)) as test_client:
             yield test_client

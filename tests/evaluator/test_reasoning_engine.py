@@ -15,14 +15,13 @@ import pytest
 from sqlalchemy import func, select
 
 from big5core.models import ReasoningItem, ReasoningResult, ReasoningRun
-from big5core.settings import Settings
+from big5core.settings import ReasoningSettings, Settings
 from big5engine.engine import PersonaEngine
 from big5personas.stack import Stack, build_stack
 from evaluator.reasoning.harness import evaluate_unit
 from evaluator.reasoning.lm import Big5LM
 from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.reasoning.schemas import ReasoningRequest
-from evaluator.reasoning.settings import ReasoningSettings
 from evaluator.reasoning.tasks import task_info
 from evaluator.stats import mean_of_means_ci
 
