@@ -103,9 +103,9 @@ def db_downgrade(revision: str = "base") -> None:
 def db_current() -> None:
     """Print the current schema revision."""
     from big5core import migrate
-    from big5core.db import engine_for
 
-    typer.echo(migrate.current_revision(engine_for(_settings())) or "(empty)")
+    with migrate.open_database(_settings(), migrate_db=False) as db:
+        typer.echo(migrate.current_revision(db.engine) or "(empty)")
 
 
 def _register_edges() -> None:
