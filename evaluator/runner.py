@@ -64,6 +64,7 @@ class AssessmentRunner:
         self._dialogue: dialogue.DialogueSet | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._tasks: set[asyncio.Task[None]] = set()
+        self._by_id: dict[str, asyncio.Task[None]] = {}  # assessments of this runner in progress
 
     def dialogue_set(self) -> dialogue.DialogueSet:
         """The dialogue assessment's Speaker X turns (read once per runner)."""
@@ -162,8 +163,14 @@ class AssessmentRunner:
             raise
         task = asyncio.get_running_loop().create_task(self.run(assessment_id, request, resolved, inventory))
         self._tasks.add(task)
+        self._by_id[assessment_id] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._by_id.pop(assessment_id, None))
         return assessment_id
+
+    def task(self, assessment_id: str) -> asyncio.Task[None] | None:
+        """The background task running ``assessment_id`` here (None once it ended, or elsewhere)."""
+        return self._by_id.get(assessment_id)
 
     def _abandon(self, prepared: asyncio.Future[tuple[str, ResolvedPersona, Instrument]]) -> None:
         """A prepared assessment nobody will run (its submitter was cancelled): fail it, release its persona."""

@@ -1,12 +1,14 @@
 """Admission: at most so many generation, assessment and reasoning requests in flight, no waiting line.
 
-Held by the service's state, used by the generation service for every call and by the background runners
-for each run, from its submission to its end.
+Held by the service's state, used by the generation service for every call and, through :class:`Admitted`,
+by the background runners for each run, from its submission to its end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from typing import Any, Generic, Protocol, TypeVar
 
 from service.errors import QueueFull
 from service.metrics import ServiceMetrics
@@ -73,3 +75,57 @@ class Admission:
     def _release(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+
+class BackgroundRunner(Protocol):
+    """What :class:`Admitted` needs of a runner: submit a run, find its task, drain them all."""
+
+    async def submit(self, request: Any, **kwargs: Any) -> str: ...
+
+    def task(self, run_id: str) -> asyncio.Task[Any] | None: ...
+
+    async def drain(self) -> None: ...
+
+
+R = TypeVar("R", bound=BackgroundRunner)
+
+
+class Admitted(Generic[R]):
+    """A background runner behind admission, a wrapper rather than a subclass: every run submitted
+    through it holds a slot of ``admission``, and one of ``runs`` when given, from its submission to its
+    end (:class:`QueueFull` when either is full). Everything else is the runner's own (:attr:`runner`,
+    or any attribute of it read through the wrapper)."""
+
+    def __init__(self, runner: R, admission: Admission, runs: Admission | None = None) -> None:
+        self.runner = runner
+        self.admission = admission
+        self.runs = runs
+
+    async def submit(self, request: Any, **kwargs: Any) -> str:
+        slots: list[Slot] = []
+        try:
+            if self.runs is not None:
+                slots.append(self.runs.acquire())
+            slots.append(self.admission.acquire())
+            run_id = await self.runner.submit(request, **kwargs)
+        except BaseException:
+            _release(slots)
+            raise
+        task = self.runner.task(run_id)  # not started yet: nothing ran since submit() created it
+        if task is None:
+            _release(slots)
+        else:
+            task.add_done_callback(lambda _: _release(slots))
+        return run_id
+
+    async def drain(self) -> None:
+        """The runner's drain: its runs are cancelled, and each releases its slots as it ends."""
+        await self.runner.drain()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+
+def _release(slots: list[Slot]) -> None:
+    for slot in slots:
+        slot.release()

@@ -13,59 +13,10 @@ from typing import Any
 from big5core.settings import Settings
 from big5engine.engine import PersonaEngine
 from big5personas.stack import Stack
-from evaluator.reasoning.runner import ReasoningRunner
-from evaluator.runner import AssessmentRunner
-from service.admission import Admission, Slot
+from service.admission import Admission, Admitted
 from service.metrics import ServiceMetrics
 from service.serving import GenerationService
 from service.supervisor import EngineSupervisor
-
-
-class _Admitted:
-    """A background runner whose every run holds an admission slot, and one of ``runs`` when given,
-    from its submission to its end (:class:`QueueFull` when either is full)."""
-
-    def __init__(self, *args: Any, admission: Admission, runs: Admission | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.admission = admission
-        self.runs = runs
-        self._slots: dict[str, list[Slot]] = {}
-
-    async def submit(self, request: Any, **kwargs: Any) -> str:
-        slots: list[Slot] = []
-        try:
-            if self.runs is not None:
-                slots.append(self.runs.acquire())
-            slots.append(self.admission.acquire())
-            run_id: str = await super().submit(request, **kwargs)  # type: ignore[misc]
-        except BaseException:
-            for slot in slots:
-                slot.release()
-            raise
-        self._slots[run_id] = slots
-        return run_id
-
-    async def run(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().run(run_id, *args, **kwargs)  # type: ignore[misc]
-        finally:
-            for slot in self._slots.pop(run_id, ()):
-                slot.release()
-
-    async def drain(self) -> None:
-        await super().drain()  # type: ignore[misc]
-        for slots in self._slots.values():
-            for slot in slots:
-                slot.release()
-        self._slots.clear()
-
-
-class AdmittedRunner(_Admitted, AssessmentRunner):
-    """The evaluator's assessment runner, each background assessment holding an admission slot."""
-
-
-class AdmittedReasoningRunner(_Admitted, ReasoningRunner):
-    """The reasoning runner, each run holding an admission slot and one of ``max_reasoning_runs``."""
 
 
 @dataclass
@@ -73,8 +24,8 @@ class ServiceState:
     settings: Settings
     stack: Stack
     engine: PersonaEngine
-    runner: AdmittedRunner
-    reasoning: AdmittedReasoningRunner
+    runner: Admitted[Any]  # the evaluator's AssessmentRunner, built by service/app.py
+    reasoning: Admitted[Any]  # the evaluator's ReasoningRunner, likewise
     serving: GenerationService
     admission: Admission
     metrics: ServiceMetrics

@@ -135,6 +135,10 @@ class ReasoningRunner:
 
     # ------------------------------------------------------------ cancel
 
+    def task(self, run_id: str) -> asyncio.Task[Any] | None:
+        """The background task running ``run_id`` here (None once it ended, or elsewhere)."""
+        return self._by_id.get(run_id)
+
     def running(self, run_id: str) -> bool:
         """Whether this runner is running ``run_id`` now."""
         return run_id in self._by_id
