@@ -14,15 +14,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.backoff import backoff_delays
@@ -31,6 +27,7 @@ from big5core.models import Assessment, AssessmentState
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
+from evaluator.background import HEARTBEAT_SECONDS, STALE_AFTER, BackgroundRunner
 from evaluator.inventories import DIALOGUE_INVENTORY, Inventory
 from evaluator.judge import JudgeStore
 from evaluator.schemas import AssessRequest
@@ -40,11 +37,8 @@ Instrument = Inventory | dialogue.DialogueSet
 
 logger = logging.getLogger(__name__)
 
-STALE_AFTER = timedelta(minutes=10)
-HEARTBEAT_SECONDS = 30.0  # well inside STALE_AFTER, however long one run of an inventory takes
 
-
-class AssessmentRunner:
+class AssessmentRunner(BackgroundRunner):
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -54,17 +48,13 @@ class AssessmentRunner:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         judges: JudgeStore | None = None,
     ) -> None:
-        self.sessions = sessions
+        super().__init__(sessions, heartbeat_seconds)
         self.resolver = resolver
         self.engine = engine
-        self.heartbeat_seconds = heartbeat_seconds
         settings = resolver.settings
         self.judges = judges or JudgeStore(settings.data_dir / "judges", settings.evaluator.judge_dataset)
         self._dialogue_source = (settings.evaluator.dialogue_source, settings.evaluator.dialogue_split)
         self._dialogue: dialogue.DialogueSet | None = None
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._by_id: dict[str, asyncio.Task[None]] = {}  # assessments of this runner in progress
 
     def dialogue_set(self) -> dialogue.DialogueSet:
         """The dialogue assessment's Speaker X turns (read once per runner)."""
@@ -161,16 +151,8 @@ class AssessmentRunner:
         except asyncio.CancelledError:
             prepared.add_done_callback(self._abandon)
             raise
-        task = asyncio.get_running_loop().create_task(self.run(assessment_id, request, resolved, inventory))
-        self._tasks.add(task)
-        self._by_id[assessment_id] = task
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._by_id.pop(assessment_id, None))
+        self._start(assessment_id, self.run(assessment_id, request, resolved, inventory))
         return assessment_id
-
-    def task(self, assessment_id: str) -> asyncio.Task[None] | None:
-        """The background task running ``assessment_id`` here (None once it ended, or elsewhere)."""
-        return self._by_id.get(assessment_id)
 
     def _abandon(self, prepared: asyncio.Future[tuple[str, ResolvedPersona, Instrument]]) -> None:
         """A prepared assessment nobody will run (its submitter was cancelled): fail it, release its persona."""
@@ -278,10 +260,6 @@ class AssessmentRunner:
                 except Exception:  # the database may be away for a moment; the next beat retries
                     logger.warning("heartbeat of assessment %s failed", assessment_id, exc_info=True)
 
-    def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
-        with transaction(self.sessions) as session:
-            operation(session, *args)
-
     def _mark_failed(self, assessment_id: str, error: str) -> None:
         self._in_transaction(store.fail, assessment_id, error)
 
@@ -308,30 +286,6 @@ class AssessmentRunner:
                 logger.warning("could not mark assessment %s failed yet; retrying in %.0f s", assessment_id, delay)
                 await asyncio.sleep(delay)
 
-    def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
-
     def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
         """Fail assessments whose runner stopped beating (a crashed process); returns how many."""
-        now = datetime.now(UTC)
-        count = 0
-        with transaction(self.sessions) as session:
-            candidates = session.scalars(
-                select(Assessment).where(Assessment.state.in_([AssessmentState.QUEUED, AssessmentState.RUNNING]))
-            ).all()
-            for assessment in candidates:
-                beat = (assessment.progress or {}).get("heartbeat")
-                last = datetime.fromisoformat(beat) if beat else assessment.created_at
-                if last.tzinfo is None:
-                    last = last.replace(tzinfo=UTC)
-                if now - last > stale_after:
-                    store.fail(session, assessment.id, "interrupted: the process running it stopped")
-                    count += 1
-        return count
-
-    async def drain(self) -> None:
-        """Cancel background assessments (service shutdown); each ends failed."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return self._sweep(Assessment, [AssessmentState.QUEUED, AssessmentState.RUNNING], store.fail, stale_after)
