@@ -11,20 +11,12 @@ import pytest
 import torch
 
 from big5engine import vllm_plugin
+from tests.big5engine.support import fresh_upstream_ops
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
 
-def _fresh_upstream() -> ModuleType:
-    """A private copy of vLLM's ops module, untouched even if the plugin patched the imported one."""
-    spec = importlib.util.find_spec("vllm.lora.ops.torch_ops.lora_ops")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-upstream = _fresh_upstream()
+upstream = fresh_upstream_ops()
 
 SLOTS, RANK, HIDDEN, OUT = 5, 8, 48, 80
 
