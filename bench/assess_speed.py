@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from big5core.engine import PersonaEngine
 from big5core.generation import SamplingOptions
-from big5core.modelstore import resolve_base_model
 from big5core.prompts import ChatMessage
 from big5core.settings import get_settings
+from big5engine.engine import PersonaEngine
+from big5engine.modelstore import resolve_base_model
 from evaluator.administer import parse_answer
 from evaluator.inventories import get_builtin
 

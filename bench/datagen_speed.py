@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    from big5core.modelstore import resolve_base_model
+    from big5engine.modelstore import resolve_base_model
     from trainer.datagen.dexperts import DExperts, Sampling
     from trainer.datagen.steering import ExpertSource, SteeringModels
 

@@ -78,10 +78,10 @@ def main() -> None:
 
     from big5.quickstart import Planned, run_assessments
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator import store
-    from evaluator.dialogue import DIALOGUE_INVENTORY
     from evaluator.dialogue_report import item_scores, paired_gap
+    from evaluator.inventories import DIALOGUE_INVENTORY
     from evaluator.quality_report import Replies, format_rows, from_responses, method_quality
     from evaluator.schemas import AssessRequest
 

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from big5core.traits import TRAITS, Trait
+from big5core.traits import ADAPTER_METHODS, METHOD_ORDER, TRAITS, Level, Method, Trait
 from evaluator.fidelity import Condition, Gap, MethodFidelity, analyse
 
 METHOD_LABELS = {"direct": "Direct", "prompt": "Prompt-Inst", "demo": "Prompt-Demo", "sft": "SFT", "dpo": "DPO"}
@@ -62,12 +62,12 @@ def main() -> None:
     from big5.quickstart import train_all as train_plan
     from big5.quickstart_report import dialogue_tables
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator.judge import JudgeStore
 
     started = time.monotonic()
     inventories = [] if args.skip_questionnaires else (args.inventory or ["ipip_neo_120", "bfi44"])
-    methods = args.method or ["direct", "prompt", "demo", "sft", "dpo"]
+    methods = args.method or [m.value for m in METHOD_ORDER]
     settings = get_settings()
     stack = build_stack(settings)
     print(f"# fidelity bench {dt.date.today()}: {' '.join(sys.argv)}", flush=True)
@@ -211,7 +211,7 @@ def load_conditions(
 ) -> tuple[list[Condition], dict[Trait, list[str]], dict[str, list[str]]]:
     """Every done log-prob assessment of ``inventory`` with ``runs`` runs, as recoded answers per run."""
     from evaluator import scoring, store
-    from evaluator.report import single_pole
+    from evaluator.report import single_trait
 
     conditions: list[Condition] = []
     adapters: dict[str, set[str]] = {}
@@ -225,7 +225,7 @@ def load_conditions(
                 continue
             if (a.method, a.persona_key) in seen:
                 continue
-            pole = single_pole(a) if a.method != "direct" else None
+            pole = single_trait(a) if a.method != "direct" else None
             if a.method != "direct" and (pole is None or abs(pole[1]) != 1.0):
                 continue
             seen.add((a.method, a.persona_key))
@@ -235,7 +235,7 @@ def load_conditions(
             for r in store.responses(session, a.id):
                 per_run[r.run][r.item_id] = r.value
             recoded = [scoring.recoded_answers(inv.items, answers, inv.scale.points) for answers in per_run]
-            trait, level = (None, None) if pole is None else (pole[0], "high" if pole[1] > 0 else "low")
+            trait, level = (None, None) if pole is None else (pole[0], Level.of(pole[1]).value)
             conditions.append(Condition(a.method, trait, level, recoded))
     return conditions, items_by_trait, {k: sorted(v) for k, v in adapters.items()}
 
@@ -244,7 +244,7 @@ def target_met(results: dict[str, MethodFidelity], trait: Trait) -> dict[str, An
     prompt = results.get("prompt")
     prompt_gap = prompt.gaps[trait].gap if prompt and trait in prompt.gaps else None
     out: dict[str, Any] = {}
-    for method in ("sft", "dpo"):
+    for method in (m.value for m in ADAPTER_METHODS):
         fid = results.get(method)
         if fid is None or trait not in fid.gaps:
             continue
@@ -298,7 +298,7 @@ def markdown(
     results: dict[str, MethodFidelity],
     adapters: dict[str, list[str]],
 ) -> str:
-    order = [m for m in ("prompt", "demo", "sft", "dpo") if m in results] + sorted(
+    order = [m.value for m in METHOD_ORDER if m in results and m is not Method.DIRECT] + sorted(
         m for m in results if m not in METHOD_LABELS
     )
     lines = [f"\n### {inventory}, {runs} run(s) per condition\n"]

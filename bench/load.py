@@ -192,10 +192,10 @@ async def run_load(args: argparse.Namespace, url: str, headers: dict[str, str]) 
 @contextlib.contextmanager
 def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str, Path]]:
     """``big5 serve`` on a free port with random per-trait adapters; yields (url, what it runs, its log)."""
-    from big5core import registry
     from big5core.db import transaction
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas import registry
+    from big5personas.stack import build_stack
 
     models = Path(os.environ.get("BIG5_DATA_DIR", "./big5-data")).resolve() / "models"
     work = Path(tempfile.mkdtemp(prefix="big5-load-"))

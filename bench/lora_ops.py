@@ -1,4 +1,4 @@
-"""LoRA on vLLM-CPU: upstream's per-token ops, big5's grouped ops and its segmented path (big5core/sgmv.py).
+"""LoRA on vLLM-CPU: upstream's per-token ops, big5's grouped ops and its segmented path (big5engine/sgmv.py).
 
 Engines one after the other, in one run (``BIG5_VLLM_GROUPED_LORA=0`` for upstream,
 ``BIG5_VLLM_SGMV_LORA=0`` for the grouped ops alone): each
@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from big5core.engine import PersonaEngine
 from big5core.generation import SamplingOptions
-from big5core.modelstore import resolve_base_model
 from big5core.prompts import ChatMessage
 from big5core.settings import get_settings
-from big5core.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
+from big5engine.engine import PersonaEngine
+from big5engine.modelstore import resolve_base_model
+from big5engine.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
 from evaluator.inventories import get_builtin
 
 
@@ -34,7 +34,7 @@ def random_adapter(base: str, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from big5core.lora import LLAMA_TARGET_MODULES
+    from big5engine.lora import LLAMA_TARGET_MODULES
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from big5core.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
+    from big5engine.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
 
     os.environ[ENV_SWITCH] = "0" if args.ops == "upstream" else "1"
     os.environ[SGMV_SWITCH] = "1" if args.ops == "sgmv" else "0"
@@ -49,9 +49,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from big5core.engine import cpu_env_defaults
-    from big5core.modelstore import resolve_base_model
     from big5core.settings import get_settings
+    from big5engine.cpu import cpu_env_defaults
+    from big5engine.modelstore import resolve_base_model
 
     settings = get_settings()
     base = resolve_base_model(settings)

@@ -19,10 +19,11 @@ import statistics
 import time
 from typing import Any
 
-from big5core.persona import Method, PersonaError, PersonaNotFound, PersonaSpec
 from big5core.settings import get_settings
-from big5core.stack import build_stack
-from big5core.traits import TRAITS, Level
+from big5core.traits import TRAITS, Level, Method
+from big5personas.resolver import PersonaNotFound
+from big5personas.spec import PersonaError, PersonaSpec
+from big5personas.stack import build_stack
 from evaluator import fidelity, scoring
 from evaluator.administer import Response, administer, score
 from evaluator.inventories import get_builtin

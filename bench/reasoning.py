@@ -32,6 +32,10 @@ from pathlib import Path
 from threading import Lock
 from typing import Any
 
+from big5core.training import LAYOUTS, PER_TRAIT, UNIFIED
+from big5core.traits import ADAPTER_METHODS, Method
+from big5personas.spec import persona_key
+
 DEFAULT_TASKS = "social_iqa,commonsense_qa,piqa,truthfulqa_mc2,arc_easy,mmlu,gsm8k"
 PAPER = {  # BIG5-CHAT, LLaMA-3-70B SFT, from PAPER.md: only these figures are quoted there
     ("gsm8k", "conscientiousness"): (86.4, 81.7),
@@ -49,8 +53,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["auto", "sft", "dpo", "prompt"], default="auto")
     parser.add_argument(
         "--layout",
-        choices=["unified", "per-trait"],
-        default="unified",
+        choices=LAYOUTS,
+        default=UNIFIED,
         help="sft/dpo: the unified adapter (the paper's) or each condition's own per-trait adapter",
     )
     parser.add_argument("--direct-only", action="store_true")
@@ -62,24 +66,23 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
 
-    from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5core.settings import ReasoningSettings, get_settings
     from big5core.traits import TRAITS
+    from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, lm_eval_version
     from evaluator.reasoning.lm import Big5LM
     from evaluator.reasoning.report import reasoning_table, table_figure
-    from evaluator.reasoning.settings import get_reasoning_settings
     from evaluator.reasoning.tasks import resolve_tasks
 
     overrides: dict[str, Any] = {"max_gen_toks": args.max_gen_toks, "concurrency": args.concurrency}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
-    rsettings = get_reasoning_settings(**overrides)
+    rsettings = ReasoningSettings.model_validate({**get_settings().reasoning.model_dump(), **overrides})
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
     settings = get_settings()
     stack = build_stack(settings, migrate_db=False)
     method, note = pick_method(stack, args.method, args.layout)
-    conditions = ["big5/direct"]
+    conditions = [persona_key(Method.DIRECT, {})]
     if not args.direct_only:
         conditions += [condition(stack, method, args.layout, t, v) for t in TRAITS for v in (1, -1)]
     started = time.monotonic()
@@ -95,7 +98,7 @@ def main() -> None:
         return value or None
 
     try:
-        from big5core.persona import PersonaSpec
+        from big5personas.spec import PersonaSpec
 
         models: dict[str, Big5LM] = {}
         for key in conditions:
@@ -199,17 +202,17 @@ def finished_units(path: Path | None, run: dict[str, Any]) -> dict[tuple[str, st
 
 
 def pick_method(stack: Any, wanted: str, layout: str = "unified") -> tuple[str, str]:
-    from big5core import registry
+    from big5personas import registry
 
     if wanted == "prompt":
         return "prompt", "Prompt-Inst, as asked"
-    if layout == "per-trait":
+    if layout == PER_TRAIT:
         if wanted == "auto":
             raise SystemExit("--layout per-trait needs --method sft or dpo")
         return wanted, "each condition's per-trait adapter"
     with stack.sessions() as session:
-        for method in ("sft", "dpo") if wanted == "auto" else (wanted,):
-            row = registry.find(session, method=method, layout="unified", base_model=stack.base_model_id)
+        for method in [m.value for m in ADAPTER_METHODS] if wanted == "auto" else [wanted]:
+            row = registry.find(session, method=method, layout=UNIFIED, base_model=stack.base_model_id)
             if row is not None:
                 return method, f"unified adapter {row.ref}"
     if wanted != "auto":
@@ -220,22 +223,22 @@ def pick_method(stack: Any, wanted: str, layout: str = "unified") -> tuple[str, 
 def condition(stack: Any, method: str, layout: str, trait: Any, value: int) -> str:
     """The persona key of one trait-level condition; per-trait names its adapter, which the resolver
     would otherwise pass over for the unified one."""
-    if method == "prompt" or layout == "unified":
-        return f"big5/{method}?{trait.value}={value}"
-    from big5core import registry
+    if method == "prompt" or layout == UNIFIED:
+        return persona_key(method, {trait: value})
     from big5core.traits import Level
+    from big5personas import registry
 
-    level = Level.HIGH if value > 0 else Level.LOW
+    level = Level.of(value)
     with stack.sessions() as session:  # the resolver's own per-trait lookup
         row = registry.find(
             session,
             method=method,
-            layout="per-trait",
+            layout=PER_TRAIT,
             base_model=stack.base_model_id,
             traits={trait.value: level.value},
         )
     if row is not None:
-        return f"big5/{method}?{trait.value}={value}&adapter={row.ref}"
+        return persona_key(method, {trait: value}, row.ref)
     raise SystemExit(f"no ready per-trait {method} adapter for {trait.value}={value}")
 
 

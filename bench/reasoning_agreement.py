@@ -31,16 +31,16 @@ def main() -> None:
 
     from lm_eval.models.huggingface import HFLM
 
-    from big5core.persona import PersonaSpec
-    from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5core.settings import ReasoningSettings, get_settings
+    from big5personas.spec import PersonaSpec
+    from big5personas.stack import build_stack
     from evaluator.reasoning.harness import evaluate_unit, items_from_samples, lm_eval_version, run_lm_eval
     from evaluator.reasoning.lm import Big5LM
-    from evaluator.reasoning.report import bootstrap_ci
-    from evaluator.reasoning.settings import get_reasoning_settings
     from evaluator.reasoning.tasks import resolve_tasks
+    from evaluator.stats import mean_of_means_ci
 
-    rsettings = get_reasoning_settings(**({} if args.data_dir is None else {"data_dir": args.data_dir}))
+    overrides = {} if args.data_dir is None else {"data_dir": args.data_dir}
+    rsettings = ReasoningSettings.model_validate({**get_settings().reasoning.model_dump(), **overrides})
     tasks = resolve_tasks(args.tasks.split(","), rsettings)
     limit = args.limit or None
     stack = build_stack(get_settings(), migrate_db=False)
@@ -89,7 +89,7 @@ def main() -> None:
             ),
             default=float("nan"),
         )
-        ci = bootstrap_ci([diffs]) or (float("nan"), float("nan"))
+        ci = mean_of_means_ci([diffs]) or (float("nan"), float("nan"))
         a = 100 * np.mean([mine[d].score for d in common])
         b = 100 * np.mean([other[d].score for d in common])
         print(

@@ -13,9 +13,9 @@ includes composing its adapter, loading it into the engine and prefill. The adap
 
 A benchmark, not a test: it prints what it measured. Engine settings are the service defaults,
 except ``max_loras`` raised to --personas so that (c) fits one batch. ``--ops`` picks the CPU LoRA
-path of the engine: ``sgmv`` (default: the plugin's segmented path, big5core/sgmv.py), ``grouped``
+path of the engine: ``sgmv`` (default: the plugin's segmented path, big5engine/sgmv.py), ``grouped``
 (the plugin's per-adapter bgmv ops alone) or ``upstream`` (vLLM's own ops; base requests then carry
-the zero adapter, see big5core/lora.py). Each run is one engine: compare paths across runs, and
+the zero adapter, see big5engine/lora.py). Each run is one engine: compare paths across runs, and
 modes within one run.
 """
 
@@ -66,7 +66,7 @@ def write_random_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -
     import numpy as np
     from safetensors.numpy import save_file
 
-    from big5core.lora import LLAMA_TARGET_MODULES, projection_shapes
+    from big5engine.lora import LLAMA_TARGET_MODULES, projection_shapes
 
     config = json.loads((model_dir / "config.json").read_text())
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--ops", choices=["sgmv", "grouped", "upstream"], default="sgmv", help="CPU LoRA path")
     args = parser.parse_args()
 
-    from big5core.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
+    from big5engine.vllm_plugin import ENV_SWITCH, SGMV_SWITCH
 
     os.environ[ENV_SWITCH] = "0" if args.ops == "upstream" else "1"  # read in the engine's own processes
     os.environ[SGMV_SWITCH] = "1" if args.ops == "sgmv" else "0"
@@ -114,13 +114,13 @@ def main() -> None:
     import httpx
     import uvicorn
 
-    from big5core import registry
     from big5core.db import transaction
     from big5core.generation import SamplingOptions
-    from big5core.persona import PersonaSpec
     from big5core.prompts import ChatMessage
     from big5core.settings import EngineSettings, Settings
-    from big5core.stack import build_stack
+    from big5personas import registry
+    from big5personas.spec import PersonaSpec
+    from big5personas.stack import build_stack
     from service.app import create_app
 
     models = args.models_dir or Path(os.environ.get("BIG5_DATA_DIR", "./big5-data")).resolve() / "models"

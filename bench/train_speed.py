@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from big5core.modelstore import resolve_base_model
 from big5core.settings import get_settings
 from big5core.training import TrainSpec
+from big5engine.modelstore import resolve_base_model
 from trainer.train import load_dataset_rows, prepare, train_adapter
 
 # Llama-architecture shapes (config.json values of the published models; vocab from the tokenizer).

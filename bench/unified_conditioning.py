@@ -80,11 +80,11 @@ def main() -> None:
     import torch
 
     from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
-    from big5core.modelstore import resolve_base_model
     from big5core.prompts import training_messages, unified_instruction
     from big5core.settings import get_settings
     from big5core.training import TrainSpec
     from big5core.traits import TRAITS, Level
+    from big5engine.modelstore import resolve_base_model
     from evaluator.judge import JudgeStore
     from trainer.train import prepare, train_adapter
 

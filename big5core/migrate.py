@@ -11,7 +11,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
+from big5core.db import Database, engine_for, make_engine, session_factory
 from big5core.models import Base
+from big5core.settings import Settings
 
 _UPGRADE_LOCK = 0x6269673543484154  # "big5CHAT": the PostgreSQL advisory lock held while upgrading
 
@@ -38,8 +40,6 @@ def ensure_current(url: str) -> bool:
     SQLite file or an empty Postgres database just works. On PostgreSQL concurrent callers (several
     workers starting at once) queue on an advisory lock and the later ones find the schema current.
     """
-    from big5core.db import make_engine
-
     engine = make_engine(url)
     try:
         head = head_revision(url)
@@ -60,6 +60,15 @@ def ensure_current(url: str) -> bool:
                 conn.commit()
     finally:
         engine.dispose()
+
+
+def open_database(settings: Settings, *, migrate_db: bool = True) -> Database:
+    """The one way a process sets up its database: migrated to head (unless told otherwise), one engine,
+    its session factory. Close what it returns (or use it in a ``with``)."""
+    if migrate_db:
+        ensure_current(settings.resolved_database_url)
+    engine = engine_for(settings)
+    return Database(engine, session_factory(engine))
 
 
 def downgrade(url: str, revision: str = "base") -> None:

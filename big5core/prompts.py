@@ -5,7 +5,8 @@
 - Prompt-Inst (``You are a person with high openness.``) before the user message;
 - Prompt-Demo: ten dataset replies of the target trait-level as demonstrations, as the authors wrote it;
 - every Prompt-Inst sentence (intensity words included) and the Likert answer-format sentences of
-  the questionnaires (the paper's and the wording variants used for framing-robustness runs).
+  the questionnaires (the paper's and the wording variants used for framing-robustness runs);
+- the built-in questionnaires' instructions and answer labels (BFI, IPIP), built on those sentences.
 
 Every template carries an id that the service reports back, so a client can reproduce a persona.
 """
@@ -78,7 +79,7 @@ def intensity_word(value: float) -> str:
 def prompt_inst_sentence(trait: Trait, value: float) -> str:
     """One Prompt-Inst sentence for a trait value: the paper's line at |v| >= 0.875, else with an
     intensity word (``You are a person with fairly high openness.``)."""
-    level = Level.HIGH if value > 0 else Level.LOW
+    level = Level.of(value)
     word = intensity_word(value)
     return prompt_inst(trait, level) if not word else f"You are a person with {word} {level.value} {trait.value}."
 
@@ -123,6 +124,44 @@ def option_wording(anchors: Sequence[str], variant: int) -> str:
 def label_answer_sentence(anchors: Sequence[str]) -> str:
     """The answer-format sentence when the answer is scored as label text (the label-text scoring modes)."""
     return "Reply with exactly one of these answers and nothing else: " + "; ".join(anchors) + "."
+
+
+# --- the built-in questionnaires' texts (evaluator/inventories.py builds the instruments from them) ---------
+
+BFI_ANCHORS: tuple[str, ...] = (
+    "Disagree strongly",
+    "Disagree a little",
+    "Neither agree nor disagree",
+    "Agree a little",
+    "Agree strongly",
+)
+IPIP_ANCHORS: tuple[str, ...] = (
+    "Very inaccurate",
+    "Moderately inaccurate",
+    "Neither accurate nor inaccurate",
+    "Moderately accurate",
+    "Very accurate",
+)
+_BFI_SCALE = likert_scale_sentence(BFI_ANCHORS)
+_IPIP_SCALE = likert_scale_sentence(IPIP_ANCHORS)
+
+INSTRUCTION_VARIANTS: dict[str, tuple[str, ...]] = {
+    "bfi": (
+        "Here are a number of characteristics that may or may not apply to you. Please indicate the extent "
+        f"to which you agree or disagree with the following statement. {_BFI_SCALE}",
+        "The statement below describes a personal characteristic that may or may not fit you. How much do "
+        f"you agree or disagree that it describes you? {_BFI_SCALE}",
+        f"Rate how well the following statement describes you, as you see yourself. {_BFI_SCALE}",
+    ),
+    "ipip": (
+        "Describe yourself as you generally are now, not as you wish to be in the future. Indicate how "
+        f"accurately the following statement describes you. {_IPIP_SCALE}",
+        "Think about how you usually are, compared with other people you know of your age. How accurately "
+        f"does the following statement describe you? {_IPIP_SCALE}",
+        f"Describe yourself honestly, as you really are today. Does the statement below describe you? {_IPIP_SCALE}",
+    ),
+}
+"""Instruction phrasings per scale family: index 0 is the paper's, 1 and 2 are variants for reliability runs."""
 
 
 def with_prefix(messages: Sequence[ChatMessage], prefix: str | None) -> list[ChatMessage]:

@@ -136,6 +136,26 @@ class EvaluatorSettings(BaseModel):
     )
 
 
+class ReasoningSettings(BaseModel):
+    """The reasoning evaluation (evaluator/reasoning): where its task files are and how it runs them."""
+
+    data_dir: Path | None = Field(
+        None,
+        description="Folder with the task files (socialiqa_dev.jsonl, piqa_valid.jsonl, ...; .jsonl or .jsonl.gz), "
+        "e.g. ../shared/data/reasoning. A file found there is used before the bundled copy; PIQA and SocialIQA "
+        "are not bundled (their licences are unverified) and need it.",
+    )
+    source: Literal["local", "stock"] = Field(
+        "local",
+        description="local: the bundled/configured files with the stock prompts and metrics; stock: lm-eval's own "
+        "stock tasks (piqa, arc_easy, ..., mmlu), which download their data from the Hugging Face hub.",
+    )
+    max_gen_toks: int = Field(256, ge=1, le=4096, description="Generation limit of generate_until tasks (GSM8K).")
+    concurrency: int = Field(
+        16, ge=1, le=256, description="Persona x task units evaluated at once (their requests share batches)."
+    )
+
+
 def _accepts_none(annotation: Any) -> bool:
     return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
@@ -197,6 +217,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
+    reasoning: ReasoningSettings = Field(default_factory=ReasoningSettings)
 
     @property
     def models_dir(self) -> Path:

@@ -5,13 +5,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from big5core.traits import Level, Method, Trait
 
 Layout = Literal["unified", "per-trait"]
+"""How adapters are trained: one adapter for all ten conditions, told apart by the paper's instruction
+(unified), or one adapter per trait-level without an instruction (per-trait)."""
+UNIFIED: Final = "unified"
+PER_TRAIT: Final = "per-trait"
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 
 ALL_CONDITIONS: tuple[str, ...] = tuple(f"{t.value}:{lv.value}" for t in Trait for lv in Level)
 
@@ -83,7 +88,7 @@ class TrainSpec(ConditionsSpec):
     method: Literal[Method.SFT, Method.DPO] = Field(
         Method.SFT, description="sft (SFTTrainer) or dpo (DPOTrainer, rejected = opposite level)"
     )
-    layout: Layout = Field("unified", description="unified: one adapter, 10 conditions by instruction")
+    layout: Layout = Field(UNIFIED, description="unified: one adapter, 10 conditions by instruction")
     conditions: list[str] = Field(
         default_factory=lambda: list(ALL_CONDITIONS),
         description="trait:level conditions; per-trait trains one adapter each, unified trains on all",
@@ -156,7 +161,7 @@ class TrainSpec(ConditionsSpec):
 
     @model_validator(mode="after")
     def _level_contrast_is_unified_sft(self) -> TrainSpec:
-        if self.level_contrast > 0 and (self.method != Method.SFT or self.layout != "unified"):
+        if self.level_contrast > 0 and (self.method != Method.SFT or self.layout != UNIFIED):
             raise ValueError(
                 "level_contrast needs method sft and the unified layout: it contrasts a reply under its level's "
                 f"instruction with the opposite one (got method {self.method}, layout {self.layout})"
@@ -164,15 +169,15 @@ class TrainSpec(ConditionsSpec):
         return self
 
     def mirrored_batches(self) -> bool:
-        return self.layout == "unified" if self.mirror_batches is None else self.mirror_batches
+        return self.layout == UNIFIED if self.mirror_batches is None else self.mirror_batches
 
     def adapter_name(self, condition: tuple[Trait, Level] | None) -> str:
         prefix = self.name or self.method
-        if self.layout == "unified" or condition is None:
+        if self.layout == UNIFIED or condition is None:
             return f"{prefix}-unified"
         trait, level = condition
         return f"{prefix}-{trait.value}-{level.value}"
 
     def targets(self) -> list[tuple[Trait, Level] | None]:
         """The adapters this spec produces: one (None) for unified, one per condition otherwise."""
-        return [None] if self.layout == "unified" else list(self.parsed_conditions())
+        return [None] if self.layout == UNIFIED else list(self.parsed_conditions())

@@ -64,6 +64,11 @@ class Level(StrEnum):
     def sign(self) -> float:
         return 1.0 if self is Level.HIGH else -1.0
 
+    @classmethod
+    def of(cls, value: float) -> Level:
+        """The pole a nonzero intensity leans to: high for a positive value, low for a negative one."""
+        return cls.HIGH if value > 0 else cls.LOW
+
 
 class Method(StrEnum):
     """How a persona is induced: an adapter (sft, dpo), Prompt-Inst (prompt), Prompt-Demo (demo) or none (direct)."""
@@ -75,7 +80,26 @@ class Method(StrEnum):
     DIRECT = "direct"
 
 
+METHOD_ORDER: tuple[Method, ...] = (Method.DIRECT, Method.PROMPT, Method.DEMO, Method.SFT, Method.DPO)
+"""The order tables, plans and reports list the methods in: the no-persona baseline, the prompting
+baselines, then the adapters. (The enum's own order is kept: it is the OpenAPI document's.)"""
+
+ADAPTER_METHODS: tuple[Method, ...] = (Method.SFT, Method.DPO)
+"""The methods that apply a trained adapter."""
+
+
 TraitValue = Annotated[float, Field(ge=-1.0, le=1.0)] | Literal["high", "low"]
+
+
+def single_pole(values: Mapping[Trait, float]) -> tuple[Trait, Level] | None:
+    """(trait, level) when exactly one trait is nonzero and it is at +-1 (the paper's one-pole persona), else None."""
+    nonzero = {t: v for t, v in values.items() if v != 0.0}
+    if len(nonzero) != 1:
+        return None
+    ((trait, value),) = nonzero.items()
+    if abs(value) != 1.0:
+        return None
+    return trait, Level.of(value)
 
 
 class TraitVector(RootModel[dict[Trait, TraitValue]]):
@@ -131,14 +155,8 @@ class TraitVector(RootModel[dict[Trait, TraitValue]]):
         return out
 
     def single_pole(self) -> tuple[Trait, Level] | None:
-        """(trait, level) when exactly one trait is set and it is at +-1, else None."""
-        values = self.nonzero()
-        if len(values) != 1:
-            return None
-        ((trait, value),) = values.items()
-        if abs(value) != 1.0:
-            return None
-        return trait, Level.HIGH if value > 0 else Level.LOW
+        """(trait, level) when exactly one trait is set and it is at +-1, else None (:func:`single_pole`)."""
+        return single_pole(self.values())
 
     def __iter__(self) -> Iterator[Trait]:  # type: ignore[override]
         return iter(self.root)

@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from big5core.persona import ResolvedPersona
 from big5core.prompts import (
     OPTION_WORDINGS,
     ChatMessage,
@@ -37,6 +36,7 @@ from big5core.prompts import (
     option_wording,
 )
 from big5core.traits import Trait
+from big5personas.resolver import ResolvedPersona
 from evaluator import scoring
 from evaluator.inventories import Inventory, InventoryError, InventoryItem, norms_for
 from evaluator.schemas import AssessRequest
@@ -47,7 +47,7 @@ _ANSWER = re.compile(r"^\s*[\"'(\[]?\s*(\d+)(?:\s*(?:[.)\]:,\-]|$)|\s+\D)", re.D
 
 
 class Engine(Protocol):
-    """What administration needs from big5core.engine.PersonaEngine."""
+    """What administration needs from big5engine.engine.PersonaEngine."""
 
     async def option_scores(self, messages: list[ChatMessage], options: list[str], lora: Any = None) -> Any: ...
 

@@ -101,7 +101,7 @@ def _embedded(request: Any) -> dict[str, Any]:
     from tqdm import tqdm
 
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator import store
     from evaluator.routes import assessment_out
     from evaluator.runner import AssessmentRunner

@@ -40,14 +40,14 @@ from big5core.dataset import (
 from big5core.errors import Invalid
 from big5core.generation import SamplingOptions
 from big5core.models import InventoryRecord
-from big5core.persona import ResolvedPersona
 from big5core.prompts import ChatMessage
+from big5personas.resolver import ResolvedPersona
 from evaluator import quality
 from evaluator.administer import Engine, ProgressFn, Response, Scores
+from evaluator.inventories import DIALOGUE_INVENTORY
 from evaluator.judge import TraitJudge
 from evaluator.stats import bootstrap_ci
 
-DIALOGUE_INVENTORY = "big5chat-dialogue"
 DIALOGUE_SCORING = "judge"
 
 Split = Literal["heldout", "all"]
@@ -116,7 +116,7 @@ def check_unseen(session: Session, persona: ResolvedPersona, dialogue: DialogueS
     scenarios) is refused when a scenario on its training side is one this set asks. Of other
     sources (a hub name, a file gone), or for a set that is a whole held-out file, nothing is known.
     """
-    from big5core import registry
+    from big5personas import registry
 
     if dialogue.split != "heldout":
         return

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from evaluator.stats import bootstrap_ci
+
 ItemScores = Mapping[str, Mapping[str, float]]
 """item id -> trait -> the judge's P(high) of the persona's reply to that item"""
 
@@ -61,9 +63,7 @@ def paired_gap(high: ItemScores, low: ItemScores, trait: str, *, n_boot: int = 5
     h, lo = mean_score(high, trait), mean_score(low, trait)
     if diffs.size == 0:
         return PairedGap(h, lo, None, None, 0)
-    rng = np.random.default_rng(seed)
-    boots = diffs[rng.integers(0, diffs.size, size=(n_boot, diffs.size))].mean(axis=1)
-    ci = (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
+    ci = bootstrap_ci(diffs, resamples=n_boot, seed=seed)
     return PairedGap(h, lo, float(diffs.mean()), ci, int(diffs.size))
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from big5core.traits import TRAITS, Trait
 from evaluator import scoring
+from evaluator.stats import bootstrap_ci
 
 Runs = Sequence[Mapping[str, float]]
 """One assessment's recoded answers: one ``item_id -> value`` mapping per run."""
@@ -93,10 +94,8 @@ def gap_with_ci(
     if len(shared) < 2:
         raise ValueError(f"need at least 2 items answered on both sides, got {len(shared)}")
     diffs = np.array([h[i] - lo[i] for i in shared])
-    rng = np.random.default_rng(seed)
-    boots = diffs[rng.integers(0, len(diffs), size=(n_boot, len(diffs)))].mean(axis=1)
     tail = (1 - level) / 2 * 100
-    ci_low, ci_high = np.percentile(boots, [tail, 100 - tail])
+    ci_low, ci_high = bootstrap_ci(diffs, resamples=n_boot, seed=seed, percentiles=(tail, 100 - tail))
     return Gap(
         high=float(np.mean([h[i] for i in shared])),
         low=float(np.mean([lo[i] for i in shared])),

@@ -20,12 +20,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from big5core.errors import Invalid
+from big5core.prompts import BFI_ANCHORS, INSTRUCTION_VARIANTS, IPIP_ANCHORS
 from big5core.traits import TRAITS, Trait
 
 CSV_COLUMNS: tuple[str, ...] = ("id", "text", "trait", "facet", "keyed")
 TEMPLATE_FIELDS: frozenset[str] = frozenset({"statement", "statement_lower"})
 POOLED = "pooled"
 """Default norm group: equal-weight pool of a source's demographic groups."""
+DIALOGUE_INVENTORY = "big5chat-dialogue"
+"""The dialogue assessment (:mod:`evaluator.dialogue`): replies to Speaker X turns scored by the trait judge."""
 
 _FACET_CODE = re.compile(r"^([OCEAN])\d+$")
 
@@ -253,49 +256,6 @@ def load_csv_items(text: str) -> list[InventoryItem]:
 
 # --- built-in instruments ----------------------------------------------------------------------
 
-_BFI_ANCHORS = [
-    "Disagree strongly",
-    "Disagree a little",
-    "Neither agree nor disagree",
-    "Agree a little",
-    "Agree strongly",
-]
-_IPIP_ANCHORS = [
-    "Very inaccurate",
-    "Moderately inaccurate",
-    "Neither accurate nor inaccurate",
-    "Moderately accurate",
-    "Very accurate",
-]
-
-
-def _options(anchors: Sequence[str]) -> str:
-    return ", ".join(f"{i} = {label}" for i, label in enumerate(anchors, start=1))
-
-
-_BFI_SCALE = f"You can only reply a single number from 1 to 5, where {_options(_BFI_ANCHORS)}. Provide your score only."
-_IPIP_SCALE = (
-    f"You can only reply a single number from 1 to 5, where {_options(_IPIP_ANCHORS)}. Provide your score only."
-)
-
-INSTRUCTION_VARIANTS: dict[str, tuple[str, ...]] = {
-    "bfi": (
-        "Here are a number of characteristics that may or may not apply to you. Please indicate the extent "
-        f"to which you agree or disagree with the following statement. {_BFI_SCALE}",
-        "The statement below describes a personal characteristic that may or may not fit you. How much do "
-        f"you agree or disagree that it describes you? {_BFI_SCALE}",
-        f"Rate how well the following statement describes you, as you see yourself. {_BFI_SCALE}",
-    ),
-    "ipip": (
-        "Describe yourself as you generally are now, not as you wish to be in the future. Indicate how "
-        f"accurately the following statement describes you. {_IPIP_SCALE}",
-        "Think about how you usually are, compared with other people you know of your age. How accurately "
-        f"does the following statement describe you? {_IPIP_SCALE}",
-        f"Describe yourself honestly, as you really are today. Does the statement below describe you? {_IPIP_SCALE}",
-    ),
-}
-"""Instruction phrasings per scale family: index 0 is the paper's, 1 and 2 are variants for reliability runs."""
-
 _IPIP_LICENCE = "Public domain (International Personality Item Pool); no permission needed."
 _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
     "bfi44": {
@@ -306,7 +266,7 @@ _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "(2nd ed., pp. 102-138). Guilford.",
         "licence": "Copyright O. P. John; free for non-commercial research only. Not public domain.",
         "family": "bfi",
-        "anchors": _BFI_ANCHORS,
+        "anchors": list(BFI_ANCHORS),
         "statement_template": "Statement: I see myself as someone who {statement_lower}.",
         "norms_key": "bfi44_psychobench_crowd",
     },
@@ -317,7 +277,7 @@ _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "78-89. doi:10.1016/j.jrp.2014.05.003",
         "licence": _IPIP_LICENCE,
         "family": "ipip",
-        "anchors": _IPIP_ANCHORS,
+        "anchors": list(IPIP_ANCHORS),
         "statement_template": "Statement: {statement}",
         "norms_key": "ipip_neo_120",
     },
@@ -328,7 +288,7 @@ _BUILTIN_SPECS: dict[str, dict[str, Any]] = {
         "Psychology in Europe (Vol. 7, pp. 7-28). Tilburg University Press.",
         "licence": _IPIP_LICENCE,
         "family": "ipip",
-        "anchors": _IPIP_ANCHORS,
+        "anchors": list(IPIP_ANCHORS),
         "statement_template": "Statement: {statement}",
         "norms_key": "ipip_neo_300",
     },

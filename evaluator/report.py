@@ -19,10 +19,9 @@ from typing import Any
 from big5core.errors import Invalid
 from big5core.models import Assessment
 from big5core.prompts import TemplateId
-from big5core.traits import TRAITS, Level, Trait
+from big5core.training import PER_TRAIT, UNIFIED
+from big5core.traits import METHOD_ORDER, TRAITS, Level, Trait
 from evaluator.scoring import Reliability
-
-METHOD_ORDER = ("direct", "prompt", "demo", "sft", "dpo")
 
 _PER_TRAIT_SUFFIX = re.compile(
     "-(" + "|".join(t.value for t in TRAITS) + ")-(" + "|".join(lv.value for lv in Level) + ")$"
@@ -70,9 +69,9 @@ def group_key(assessment: Assessment) -> GroupKey:
     if adapter is None:
         layout = None
     elif resolved.get("template_id") in (TemplateId.UNIFIED, TemplateId.UNIFIED_SYSTEM):  # user or system turn
-        layout = "unified"
+        layout = UNIFIED
     else:
-        layout = "per-trait"
+        layout = PER_TRAIT
     return GroupKey(
         method=assessment.method,
         adapter=adapter,
@@ -199,7 +198,8 @@ def _order(key: GroupKey) -> tuple[int, GroupKey]:
     return (METHOD_ORDER.index(key.method) if key.method in METHOD_ORDER else 99, key)
 
 
-def single_pole(assessment: Assessment) -> tuple[Trait, float] | None:
+def single_trait(assessment: Assessment) -> tuple[Trait, float] | None:
+    """The one trait an assessment's persona sets, at whatever intensity (None for none or several)."""
     traits = (assessment.resolved_persona or {}).get("traits") or {}
     nonzero = {k: v for k, v in traits.items() if v}
     if len(nonzero) != 1:
@@ -250,7 +250,7 @@ def paper_table(
                 if value is not None:
                     side.values.append(value)
             continue
-        pole = single_pole(a)
+        pole = single_trait(a)
         if pole is None or abs(pole[1]) != 1.0:
             continue
         trait, value = pole

@@ -14,23 +14,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from big5core.backoff import backoff_delays
 from big5core.db import transaction
 from big5core.models import Assessment, AssessmentState
-from big5core.persona import PersonaResolver, ResolvedPersona
+from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
-from evaluator.inventories import Inventory
+from evaluator.background import HEARTBEAT_SECONDS, STALE_AFTER, BackgroundRunner
+from evaluator.inventories import DIALOGUE_INVENTORY, Inventory
 from evaluator.judge import JudgeStore
 from evaluator.schemas import AssessRequest
 
@@ -39,11 +37,8 @@ Instrument = Inventory | dialogue.DialogueSet
 
 logger = logging.getLogger(__name__)
 
-STALE_AFTER = timedelta(minutes=10)
-HEARTBEAT_SECONDS = 30.0  # well inside STALE_AFTER, however long one run of an inventory takes
 
-
-class AssessmentRunner:
+class AssessmentRunner(BackgroundRunner):
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -53,16 +48,13 @@ class AssessmentRunner:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         judges: JudgeStore | None = None,
     ) -> None:
-        self.sessions = sessions
+        super().__init__(sessions, heartbeat_seconds)
         self.resolver = resolver
         self.engine = engine
-        self.heartbeat_seconds = heartbeat_seconds
         settings = resolver.settings
         self.judges = judges or JudgeStore(settings.data_dir / "judges", settings.evaluator.judge_dataset)
         self._dialogue_source = (settings.evaluator.dialogue_source, settings.evaluator.dialogue_split)
         self._dialogue: dialogue.DialogueSet | None = None
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def dialogue_set(self) -> dialogue.DialogueSet:
         """The dialogue assessment's Speaker X turns (read once per runner)."""
@@ -96,7 +88,7 @@ class AssessmentRunner:
     ) -> tuple[str, ResolvedPersona, Instrument]:
         options = request.model_dump(mode="json", exclude={"persona", "inventory", "scoring", "runs"})
         turns: dialogue.DialogueSet | None = None
-        if request.inventory == dialogue.DIALOGUE_INVENTORY:
+        if request.inventory == DIALOGUE_INVENTORY:
             turns = self.dialogue_set()
             self.judges.get()  # a missing or corrupt judge is refused now, not after the replies are generated
             options["dialogue_set"] = {"source": turns.source, "items_hash": turns.items_hash}
@@ -159,9 +151,7 @@ class AssessmentRunner:
         except asyncio.CancelledError:
             prepared.add_done_callback(self._abandon)
             raise
-        task = asyncio.get_running_loop().create_task(self.run(assessment_id, request, resolved, inventory))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(assessment_id, self.run(assessment_id, request, resolved, inventory))
         return assessment_id
 
     def _abandon(self, prepared: asyncio.Future[tuple[str, ResolvedPersona, Instrument]]) -> None:
@@ -270,10 +260,6 @@ class AssessmentRunner:
                 except Exception:  # the database may be away for a moment; the next beat retries
                     logger.warning("heartbeat of assessment %s failed", assessment_id, exc_info=True)
 
-    def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
-        with transaction(self.sessions) as session:
-            operation(session, *args)
-
     def _mark_failed(self, assessment_id: str, error: str) -> None:
         self._in_transaction(store.fail, assessment_id, error)
 
@@ -289,8 +275,7 @@ class AssessmentRunner:
         Gives up after ``STALE_AFTER``, when the stale-heartbeat sweep at the next start takes over.
         """
         deadline = time.monotonic() + STALE_AFTER.total_seconds()
-        delay = 1.0
-        while True:
+        for delay in backoff_delays(1.0, 30.0):
             try:
                 await asyncio.to_thread(self._mark_failed, assessment_id, error)
                 return
@@ -300,32 +285,7 @@ class AssessmentRunner:
                     return
                 logger.warning("could not mark assessment %s failed yet; retrying in %.0f s", assessment_id, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-
-    def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
 
     def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
         """Fail assessments whose runner stopped beating (a crashed process); returns how many."""
-        now = datetime.now(UTC)
-        count = 0
-        with transaction(self.sessions) as session:
-            candidates = session.scalars(
-                select(Assessment).where(Assessment.state.in_([AssessmentState.QUEUED, AssessmentState.RUNNING]))
-            ).all()
-            for assessment in candidates:
-                beat = (assessment.progress or {}).get("heartbeat")
-                last = datetime.fromisoformat(beat) if beat else assessment.created_at
-                if last.tzinfo is None:
-                    last = last.replace(tzinfo=UTC)
-                if now - last > stale_after:
-                    store.fail(session, assessment.id, "interrupted: the process running it stopped")
-                    count += 1
-        return count
-
-    async def drain(self) -> None:
-        """Cancel background assessments (service shutdown); each ends failed."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return self._sweep(Assessment, [AssessmentState.QUEUED, AssessmentState.RUNNING], store.fail, stale_after)

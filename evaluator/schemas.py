@@ -9,8 +9,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from big5core.generation import DEFAULT_DECODING, Decoding, SamplingOptions
-from big5core.persona import PersonaSpec
-from evaluator.inventories import InventoryItem, LikertScale
+from big5personas.spec import PersonaSpec
+from evaluator.inventories import DIALOGUE_INVENTORY, InventoryItem, LikertScale
 from evaluator.scoring import DEFAULT_MIN_COVERAGE, DEFAULT_MIN_OPTION_MASS
 
 
@@ -107,8 +107,6 @@ class AssessRequest(BaseModel):
     def _dialogue_defaults(self) -> AssessRequest:
         """The dialogue assessment is scored by the judge with the service's default decoding
         (``DEFAULT_DECODING``), 64 tokens, one run, unless asked otherwise."""
-        from evaluator.dialogue import DIALOGUE_INVENTORY
-
         given = self.model_fields_set
         if self.inventory == DIALOGUE_INVENTORY:
             if "scoring" in given and self.scoring != "judge":

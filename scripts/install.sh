@@ -21,5 +21,5 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
     # ("operator torchvision::nms does not exist"); nothing here uses them.
     "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
-"$VENV/bin/python" -c "import big5core, trainer, service, evaluator" 2>/dev/null || "$VENV/bin/python" -c "import big5core"
+"$VENV/bin/python" -c "import big5core, big5engine, big5personas, trainer, service, evaluator" 2>/dev/null || "$VENV/bin/python" -c "import big5core"
 echo "installed into $VENV (extras: $EXTRAS)"

@@ -24,16 +24,19 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
-from big5core import registry
-from big5core.engine import PersonaEngine
 from big5core.models import AdapterState
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5engine.engine import PersonaEngine
+from big5engine.errors import EngineNotReady
+from big5personas import registry
+from big5personas.stack import Stack, build_stack
 from evaluator.reasoning import routes as reasoning_routes
-from evaluator.reasoning.settings import get_reasoning_settings
+from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.routes import build_router as build_evaluator_router
+from evaluator.runner import AssessmentRunner
 from service import errors
-from service.deps import get_reasoning_runner, get_runner, get_session, get_state, require_admin, require_client
+from service.admission import Admission, Admitted
+from service.deps import StateDep, get_session, get_state, require_admin, require_client
 from service.metrics import ServiceMetrics
 from service.middleware import (
     BodyLimitMiddleware,
@@ -44,7 +47,7 @@ from service.middleware import (
 from service.routes import adapters, datagen, generate, health, openai, training
 from service.schemas import ChatCompletionChunk, GenerateStreamEvent, Problem, problems
 from service.serving import GenerationService
-from service.state import Admission, AdmittedReasoningRunner, AdmittedRunner, ServiceState
+from service.state import ServiceState
 from service.supervisor import EngineSupervisor
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,20 @@ def _version() -> str:
         return version("big5chat")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0.0.0"
+
+
+# The evaluator's routers reach their runners through these (wiring: only this composition root names
+# the evaluator's types).
+def get_runner(state: StateDep) -> Admitted[AssessmentRunner]:
+    """The assessment runner; 503 while the engine cannot run assessments."""
+    if not state.engine.ready:
+        raise EngineNotReady(state.engine.error or "the engine is starting")
+    return state.runner
+
+
+def get_reasoning_runner(state: StateDep) -> Admitted[ReasoningRunner]:
+    """The reasoning runner built by the lifespan (its routes check the engine where they need it)."""
+    return state.reasoning
 
 
 def create_app(
@@ -123,21 +140,20 @@ async def _start(
     try:
         engine = engine if engine is not None else built.make_engine()
         admission = Admission(settings.service.max_queue, metrics)
-        runner = AdmittedRunner(built.sessions, built.resolver, engine, admission=admission)
-        swept = await asyncio.to_thread(runner.sweep)
+        assessments = AssessmentRunner(built.sessions, built.resolver, engine)
+        swept = await asyncio.to_thread(assessments.sweep)
         if swept:
             logger.warning("Marked %d interrupted assessment(s) failed", swept)
-        reasoning = AdmittedReasoningRunner(
-            built.sessions,
-            built.resolver,
-            engine,
-            get_reasoning_settings(),
-            admission=admission,
+        runner = Admitted(assessments, admission)
+        reasoning_runs = ReasoningRunner(built.sessions, built.resolver, engine, settings.reasoning)
+        reasoning = Admitted(
+            reasoning_runs,
+            admission,
             runs=Admission(
                 settings.service.max_reasoning_runs, metrics, what="reasoning runs", reason="reasoning_runs_full"
             ),
         )
-        swept = await asyncio.to_thread(reasoning.sweep)  # their stored units stay (resumable)
+        swept = await asyncio.to_thread(reasoning_runs.sweep)  # their stored units stay (resumable)
         if swept:
             logger.warning("Marked %d interrupted reasoning run(s) failed", swept)
         state = ServiceState(

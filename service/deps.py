@@ -23,10 +23,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
-from big5core.engine import EngineNotReady
 from big5core.settings import ServiceSettings
-from evaluator.reasoning.runner import ReasoningRunner
-from evaluator.runner import AssessmentRunner
+from big5engine.errors import EngineNotReady
 from service.errors import Forbidden, Unauthorized
 from service.serving import GenerationService
 from service.state import ServiceState
@@ -65,18 +63,6 @@ def get_serving(state: StateDep) -> GenerationService:
 
 
 ServingDep = Annotated[GenerationService, Depends(get_serving)]
-
-
-def get_runner(state: StateDep) -> AssessmentRunner:
-    """The assessment runner; 503 while the engine cannot run assessments."""
-    if not state.engine.ready:
-        raise EngineNotReady(state.engine.error or "the engine is starting")
-    return state.runner
-
-
-def get_reasoning_runner(state: StateDep) -> ReasoningRunner:
-    """The reasoning runner built by the lifespan (its routes check the engine where they need it)."""
-    return state.reasoning
 
 
 # ---------------------------------------------------------------- authentication

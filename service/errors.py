@@ -32,6 +32,7 @@ from sqlalchemy.exc import DataError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from big5core.errors import Conflict, DomainError, Invalid, NotFound, NotReady, Unavailable, redact_paths
+from service.context import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ def problem_response(
 
 
 def _request_id(request: Request) -> str | None:
-    from service.middleware import current_request_id  # late: middleware imports this module
-
     return current_request_id()
 
 

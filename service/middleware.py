@@ -10,11 +10,11 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.context import current_request_id, request_id_var
 from service.errors import BodyTooLarge, problem_response
 from service.metrics import ServiceMetrics
 
@@ -22,12 +22,6 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_request_id: ContextVar[str | None] = ContextVar("big5_request_id", default=None)
-
-
-def current_request_id() -> str | None:
-    """The id of the request being served in this context (None outside a request)."""
-    return _request_id.get()
 
 
 def install_request_id_logging() -> None:
@@ -42,7 +36,7 @@ def install_request_id_logging() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        record.request_id = _request_id.get() or "-"
+        record.request_id = request_id_var.get() or "-"
         return record
 
     factory.big5_request_id = True  # type: ignore[attr-defined]
@@ -72,7 +66,7 @@ class RequestContextMiddleware:
             return
         given = _header(scope, REQUEST_ID_HEADER.encode())
         request_id = given if given and _VALID_ID.match(given) else uuid.uuid4().hex
-        token = _request_id.set(request_id)
+        token = request_id_var.set(request_id)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -93,7 +87,7 @@ class RequestContextMiddleware:
             response = problem_response(exc, scope.get("path", ""), request_id)
             await response(scope, receive, send_with_id)
         finally:
-            _request_id.reset(token)
+            request_id_var.reset(token)
 
 
 class MetricsMiddleware:

@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from big5core.generation import DEFAULT_DECODING, SamplingOptions
-from big5core.persona import PersonaSpec
 from big5core.prompts import ChatMessage
 from big5core.traits import Method, TraitVector
+from big5personas.spec import PersonaSpec
 
 REST_OF_CONTEXT = 0
 """``SamplingOptions.max_tokens`` meaning "as many as the context leaves" (OpenAI's default)."""

@@ -5,13 +5,13 @@ length check (prompt tokens + max_tokens against the engine's context) -> engine
 the persona has an adapter -> engine.generate / engine.stream with that handle. Requests for
 different personas in flight at once share the engine's batch: each carries its own LoRA request.
 
-Every call is admitted first (:class:`~service.state.Admission`) and bounded by
+Every call is admitted first (:class:`~service.admission.Admission`) and bounded by
 ``request_timeout_s``; prompts and completions are logged only with ``log_prompts``.
 
 A composed adapter's folder is held on disk from resolve to the end of the request, on every path
 (served, refused as too long, timed out, failed, cancelled), then the shared cache may evict it.
 Composed adapters (one per trait vector asked for) stay loaded in the engine up to a bound
-(:class:`~big5core.compose_cache.Residency`): beyond it the least recently used one that no request is
+(:class:`~big5engine.compose_cache.Residency`): beyond it the least recently used one that no request is
 using is unloaded from the engine.
 """
 
@@ -25,17 +25,19 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from big5core.compose_cache import COMPOSED_PREFIX, Residency
-from big5core.engine import EngineNotReady, PersonaEngine, PromptTooLong
 from big5core.generation import GenerationChunk, GenerationResult, SamplingOptions
-from big5core.lora import LoraHandle
-from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
 from big5core.prompts import ChatMessage
 from big5core.settings import ServiceSettings
+from big5engine.compose_cache import COMPOSED_PREFIX, Residency
+from big5engine.engine import PersonaEngine
+from big5engine.errors import EngineNotReady, PromptTooLong
+from big5engine.lora import LoraHandle
+from big5personas.resolver import PersonaResolver, ResolvedPersona
+from big5personas.spec import PersonaSpec
+from service.admission import Admission, Slot
 from service.errors import AdapterLoadFailed, GenerationTimeout
 from service.metrics import ServiceMetrics
 from service.schemas import REST_OF_CONTEXT
-from service.state import Admission, Slot
 
 logger = logging.getLogger(__name__)
 

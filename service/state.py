@@ -7,131 +7,16 @@ on ``app.state``); routes reach it through ``deps.StateDep``.
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
-from evaluator.reasoning.runner import ReasoningRunner
-from evaluator.runner import AssessmentRunner
-from service.errors import QueueFull
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
+from service.admission import Admission, Admitted
 from service.metrics import ServiceMetrics
-
-if TYPE_CHECKING:
-    from service.serving import GenerationService
-    from service.supervisor import EngineSupervisor
-
-
-class Slot:
-    """One admitted request; :meth:`release` is idempotent (streams release when they end)."""
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission: Admission | None = admission
-
-    def release(self) -> None:
-        admission, self._admission = self._admission, None
-        if admission is not None:
-            admission._release()
-
-    def __enter__(self) -> Slot:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-
-class Admission:
-    """At most ``limit`` generation/assessment requests in flight; beyond that :class:`QueueFull`.
-
-    No waiting line: a request that cannot be admitted is answered 503 + Retry-After at once, so a
-    burst never piles up behind a slow engine until clients time out. ``what`` names the requests in
-    the problem's detail, ``reason`` labels the rejection in the metrics.
-    """
-
-    def __init__(
-        self,
-        limit: int,
-        metrics: ServiceMetrics | None = None,
-        *,
-        what: str = "generation/assessment/reasoning requests",
-        reason: str = "queue_full",
-    ) -> None:
-        self.limit = limit
-        self.what = what
-        self.reason = reason
-        self._metrics = metrics
-        self._in_flight = 0
-        self._lock = threading.Lock()
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def acquire(self) -> Slot:
-        with self._lock:
-            if self._in_flight >= self.limit:
-                full = True
-            else:
-                full = False
-                self._in_flight += 1
-        if full:
-            if self._metrics is not None:
-                self._metrics.observe_rejection(self.reason)
-            raise QueueFull(f"{self.limit} {self.what} are in flight; retry shortly")
-        return Slot(self)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-
-class _Admitted:
-    """A background runner whose every run holds an admission slot, and one of ``runs`` when given,
-    from its submission to its end (:class:`QueueFull` when either is full)."""
-
-    def __init__(self, *args: Any, admission: Admission, runs: Admission | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.admission = admission
-        self.runs = runs
-        self._slots: dict[str, list[Slot]] = {}
-
-    async def submit(self, request: Any, **kwargs: Any) -> str:
-        slots: list[Slot] = []
-        try:
-            if self.runs is not None:
-                slots.append(self.runs.acquire())
-            slots.append(self.admission.acquire())
-            run_id: str = await super().submit(request, **kwargs)  # type: ignore[misc]
-        except BaseException:
-            for slot in slots:
-                slot.release()
-            raise
-        self._slots[run_id] = slots
-        return run_id
-
-    async def run(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().run(run_id, *args, **kwargs)  # type: ignore[misc]
-        finally:
-            for slot in self._slots.pop(run_id, ()):
-                slot.release()
-
-    async def drain(self) -> None:
-        await super().drain()  # type: ignore[misc]
-        for slots in self._slots.values():
-            for slot in slots:
-                slot.release()
-        self._slots.clear()
-
-
-class AdmittedRunner(_Admitted, AssessmentRunner):
-    """The evaluator's assessment runner, each background assessment holding an admission slot."""
-
-
-class AdmittedReasoningRunner(_Admitted, ReasoningRunner):
-    """The reasoning runner, each run holding an admission slot and one of ``max_reasoning_runs``."""
+from service.serving import GenerationService
+from service.supervisor import EngineSupervisor
 
 
 @dataclass
@@ -139,8 +24,8 @@ class ServiceState:
     settings: Settings
     stack: Stack
     engine: PersonaEngine
-    runner: AdmittedRunner
-    reasoning: AdmittedReasoningRunner
+    runner: Admitted[Any]  # the evaluator's AssessmentRunner, built by service/app.py
+    reasoning: Admitted[Any]  # the evaluator's ReasoningRunner, likewise
     serving: GenerationService
     admission: Admission
     metrics: ServiceMetrics

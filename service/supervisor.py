@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from big5core.backoff import backoff_delay
 from big5core.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class EngineSupervisor:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based): none before the first, then doubling."""
-        return 0.0 if attempt <= 1 else min(self.backoff_s * 2 ** (attempt - 2), MAX_BACKOFF_S)
+        return 0.0 if attempt <= 1 else backoff_delay(attempt - 2, self.backoff_s, MAX_BACKOFF_S)
 
     async def run(self, *, start: bool = False) -> None:
         """Start the engine first when ``start``; then watch it until cancelled or given up."""

@@ -76,7 +76,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_model_path(data_dir: Path) -> Path:
-    from big5core.modelstore import resolve_base_model
+    from big5engine.modelstore import resolve_base_model
 
     return Path(resolve_base_model(Settings(data_dir=data_dir)))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from big5core.engine import PersonaEngine
 from big5core.settings import EngineSettings, Settings
+from big5engine.engine import PersonaEngine
 
 TEST_ENGINE = EngineSettings(
     max_model_len=2048,
@@ -30,7 +30,7 @@ def engine_data_dir() -> Path:
 
 def engine_model_path() -> str:
     """The bundled base model (provisioned on first use, ~40 s)."""
-    from big5core.modelstore import resolve_base_model
+    from big5engine.modelstore import resolve_base_model
 
     return resolve_base_model(Settings(data_dir=engine_data_dir()))
 

@@ -32,7 +32,16 @@ from tests.test_deploy import KEYS, ROOT, compose
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_UID = 10001
 IMAGE_USER = "big5"
-SOURCES = ("big5", "big5core", "trainer", "service", "evaluator", "migrations")  # pyproject's packages
+SOURCES = (
+    "big5",
+    "big5core",
+    "big5engine",
+    "big5personas",
+    "trainer",
+    "service",
+    "evaluator",
+    "migrations",
+)  # pyproject's packages
 
 
 # ---------------------------------------------------------------------------------------------- .dockerignore

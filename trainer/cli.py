@@ -102,6 +102,7 @@ def train(ctx: typer.Context) -> None:
 
     Options: `big5 train --help`. A YAML file (--config) sets any of them; flags override its fields.
     """
+    from big5core.migrate import open_database
     from big5core.settings import get_settings
     from trainer.worker import Worker, job_snapshot, submit
 
@@ -110,16 +111,17 @@ def train(ctx: typer.Context) -> None:
     settings = get_settings()
 
     def lead(group: RankGroup | None) -> str:
-        job_id = submit(settings, spec)
-        typer.echo(f"queued job {job_id}")
-        if wait:
-            runner = Worker(settings, group=group)
+        with open_database(settings) as db:  # one engine for queueing and running the job
+            job_id = submit(settings, spec, db=db)
+            typer.echo(f"queued job {job_id}")
+            if not wait:
+                return "queued"
+            runner = Worker(settings, group=group, db=db)
             runner.run_job(job_id)
-            job = job_snapshot(runner.sessions, job_id)
+            job = job_snapshot(db.sessions, job_id)
             summary = {"job": job.id, "state": job.state, "result": job.result, "error": job.error}
             typer.echo(json.dumps(summary, indent=2))
             return str(job.state)
-        return "queued"
 
     state = _lead_or_follow(settings, lead)
     if state not in (None, "queued", "succeeded"):
@@ -183,10 +185,10 @@ def worker(
     from trainer.worker import Worker
 
     def lead(group: RankGroup | None) -> int:
-        runner = Worker(settings, group=group)
-        if liveness_file is not None:
-            runner.liveness = Liveness(liveness_file, runner.owner)
-        return runner.run(once=once, exit_when_idle=exit_when_idle)
+        with Worker(settings, group=group) as runner:
+            if liveness_file is not None:
+                runner.liveness = Liveness(liveness_file, runner.owner)
+            return runner.run(once=once, exit_when_idle=exit_when_idle)
 
     count = _lead_or_follow(settings, lead)
     if count is not None:

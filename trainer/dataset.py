@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from big5core.dataset import (
     BUNDLED_REAL,
@@ -35,6 +35,7 @@ from big5core.dataset import (
     split_by_scenario,
 )
 from big5core.prompts import ChatMessage, InstructionPlacement, training_messages, unified_instruction
+from big5core.training import LAYOUTS, PER_TRAIT, UNIFIED, Layout
 from big5core.traits import Level, Trait
 
 __all__ = [
@@ -63,21 +64,18 @@ __all__ = [
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-Layout = Literal["unified", "per-trait"]
 Example = dict[str, list[ChatMessage]]
 """A TRL conversational example: ``{"messages": ...}`` (SFT) or ``{"prompt", "chosen", "rejected"}`` (DPO)."""
 
-_LAYOUTS: tuple[str, ...] = ("unified", "per-trait")
-
 
 def _instruction(row: Row, layout: Layout) -> str | None:  # the per-trait layout has none
-    return unified_instruction(row.trait, row.level) if layout == "unified" else None
+    return unified_instruction(row.trait, row.level) if layout == UNIFIED else None
 
 
 def _check_layout(rows: Sequence[Row], layout: Layout) -> None:
-    if layout not in _LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(_LAYOUTS)}")
-    if layout == "per-trait":
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == PER_TRAIT:
         conditions = sorted({f"{r.trait.value}-{r.level.value}" for r in rows})
         if len(conditions) > 1:
             raise ValueError(

@@ -23,18 +23,11 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _session() -> Iterator[Session]:
-    from big5core import migrate
-    from big5core.db import engine_for, session_factory
+    from big5core.migrate import open_database
     from big5core.settings import get_settings
 
-    settings = get_settings()
-    migrate.ensure_current(settings.resolved_database_url)
-    engine = engine_for(settings)
-    try:
-        with session_factory(engine)() as session:
-            yield session
-    finally:
-        engine.dispose()
+    with open_database(get_settings()) as db, db.sessions() as session:
+        yield session
 
 
 def _summary(job: TrainingJob) -> dict[str, Any]:

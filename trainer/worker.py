@@ -39,14 +39,16 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate, registry
+from big5core import jobs
 from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
-from big5core.db import engine_for, session_factory, transaction
+from big5core.db import Database, transaction
 from big5core.errors import Conflict, Invalid
+from big5core.migrate import open_database
 from big5core.models import TrainingJob
-from big5core.modelstore import base_model_id, resolve_base_model
 from big5core.settings import Settings
 from big5core.training import TrainSpec
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas import registry
 from trainer import checkpoints
 from trainer.dataset import DatasetError
 from trainer.liveness import Liveness
@@ -193,16 +195,38 @@ class _Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, settings: Settings, owner: str | None = None, group: RankGroup | None = None) -> None:
+    """Runs queued jobs. ``db``: a database the caller opened and closes (shared with what queued the job);
+    without one the worker opens its own, which :meth:`close` disposes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        owner: str | None = None,
+        group: RankGroup | None = None,
+        *,
+        db: Database | None = None,
+    ) -> None:
         self.settings = settings
         self.group = group  # the other ranks of an `accelerate launch`, led by this worker
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         check_lease_settings(settings)
-        migrate.ensure_current(settings.resolved_database_url)
-        self.engine = engine_for(settings)
-        self.sessions = session_factory(self.engine)
+        self._owned = db is None
+        self.db = open_database(settings) if db is None else db
+        self.engine = self.db.engine
+        self.sessions = self.db.sessions
         self.judge: TraitScorer | None = None  # datagen jobs' trait judge, set by the composition root
         self.liveness: Liveness | None = None  # `big5 worker --liveness-file`: its own heartbeat, for a healthcheck
+
+    def close(self) -> None:
+        """Dispose the worker's database engine if it opened it (a ``db`` given to it stays open)."""
+        if self._owned:
+            self.db.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ loop
     def run(self, *, once: bool = False, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
@@ -517,11 +541,12 @@ def resume_point(job_checkpoints: Path, adapter: str, attempt: int) -> Path | No
     return None
 
 
-def submit(settings: Settings, spec: TrainSpec) -> str:
-    """Queue a job; returns its id."""
-    migrate.ensure_current(settings.resolved_database_url)
-    sessions = session_factory(engine_for(settings))
-    with transaction(sessions) as session:
+def submit(settings: Settings, spec: TrainSpec, *, db: Database | None = None) -> str:
+    """Queue a job; returns its id. Without ``db`` a database is opened for it and closed again."""
+    if db is None:
+        with open_database(settings) as own:
+            return submit(settings, spec, db=own)
+    with transaction(db.sessions) as session:
         job = jobs.create_job(session, spec, max_attempts=settings.trainer.max_attempts)
         return job.id
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 def main() -> None:
     import evaluator.reasoning.lm  # noqa: F401 - registers "big5"
-    from evaluator.reasoning.settings import get_reasoning_settings
+    from big5core.settings import get_settings
     from evaluator.reasoning.tasks import write_include_dir
 
     with tempfile.TemporaryDirectory(prefix="big5-tasks-") as folder:
-        write_include_dir(Path(folder), get_reasoning_settings())
+        write_include_dir(Path(folder), get_settings().reasoning)
         if "--include_path" not in sys.argv:
             at = 2 if len(sys.argv) > 1 and sys.argv[1] in ("run", "ls", "validate") else 1
             sys.argv[at:at] = ["--include_path", folder]

@@ -69,19 +69,18 @@ def reason(
 def embedded(request: Any, resume: str | None, *, echo: bool = True) -> dict[str, Any]:
     """Prepare (or resume) and run on an engine started here; returns the run, its units and its table."""
     from big5core.settings import get_settings
-    from big5core.stack import build_stack
+    from big5personas.stack import build_stack
     from evaluator.reasoning import store
     from evaluator.reasoning.errors import ReasoningRunNotFound, TaskDataMissing, UnknownTask
     from evaluator.reasoning.harness import UnitResult
     from evaluator.reasoning.report import reasoning_table
     from evaluator.reasoning.routes import run_out
     from evaluator.reasoning.runner import ReasoningRunner
-    from evaluator.reasoning.settings import get_reasoning_settings
 
     stack = build_stack(get_settings())
     engine = stack.make_engine()
     try:
-        runner = ReasoningRunner(stack.sessions, stack.resolver, engine, get_reasoning_settings())
+        runner = ReasoningRunner(stack.sessions, stack.resolver, engine, stack.settings.reasoning)
         try:
             if resume is not None:
                 runner.check_resumable(resume)

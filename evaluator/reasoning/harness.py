@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from evaluator.reasoning.settings import ReasoningSettings
+from big5core.settings import ReasoningSettings
 from evaluator.reasoning.tasks import (
     TaskInfo,
     config_for_hash,

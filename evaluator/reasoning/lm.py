@@ -27,17 +27,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from big5core.engine import PersonaEngine
 from big5core.generation import SamplingOptions
-from big5core.option_tokens import encode_pair
-from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
 from big5core.prompts import ChatMessage, with_prefix
+from big5engine.engine import PersonaEngine
+from big5engine.option_tokens import encode_pair
+from big5personas.resolver import PersonaResolver, ResolvedPersona
+from big5personas.spec import KEY_PREFIX, PersonaSpec
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
 
-    from big5core.lora import LoraHandle
-    from big5core.stack import Stack
+    from big5engine.lora import LoraHandle
+    from big5personas.stack import Stack
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +56,7 @@ def persona_spec(persona: str | PersonaSpec) -> PersonaSpec:
     if isinstance(persona, PersonaSpec):
         return persona
     text = str(persona).strip()
-    return PersonaSpec.from_model_name(text if text.lower().startswith("big5/") else "big5/" + text)
+    return PersonaSpec.from_model_name(text if text.lower().startswith(KEY_PREFIX) else KEY_PREFIX + text)
 
 
 class _Runtime:
@@ -70,7 +71,7 @@ class _Runtime:
         with cls._lock:
             if cls.stack is None or cls.engine is None:
                 from big5core.settings import get_settings
-                from big5core.stack import build_stack
+                from big5personas.stack import build_stack
 
                 cls.stack = build_stack(get_settings())
                 cls.engine = cls.stack.make_engine()

@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from big5core.traits import TRAITS, Trait
+from big5core.traits import METHOD_ORDER, TRAITS, Trait, single_pole
+from evaluator.stats import mean_of_means_ci
 
 SUMMARY = "mean"
 PAPER_DIRECTION = {"conscientiousness": 1, "agreeableness": 1, "extraversion": -1, "neuroticism": -1}
-N_RESAMPLES = 2000
-METHOD_ORDER = ("prompt", "demo", "sft", "dpo")
 
 
 @dataclass
@@ -114,42 +113,11 @@ def _cell_text(c: Cell | None) -> str:
 
 
 def condition(method: str, traits: Mapping[str, float]) -> tuple[str, str] | None:
-    """(trait, 'high'|'low') for a single trait at +-1; None otherwise."""
-    nonzero = {k: v for k, v in traits.items() if v}
-    if method == "direct" or len(nonzero) != 1:
+    """(trait, 'high'|'low') for a single trait at +-1 (:func:`~big5core.traits.single_pole`); None otherwise."""
+    if method == "direct":
         return None
-    ((trait, value),) = nonzero.items()
-    if abs(float(value)) != 1.0:
-        return None
-    return trait, "high" if value > 0 else "low"
-
-
-def bootstrap_ci(
-    samples: Sequence[np.ndarray], *, n_resamples: int = N_RESAMPLES, seed: int = 0
-) -> tuple[float, float] | None:
-    """95% percentile CI of the mean over samples of each sample's mean (each resampled on its own)."""
-    from scipy.stats import bootstrap
-
-    samples = [np.asarray(s, dtype=float) for s in samples if len(s)]
-    if not samples:
-        return None
-    if all(np.all(s == s[0]) for s in samples):  # no spread: the CI is the point itself
-        point = float(np.mean([s.mean() for s in samples]))
-        return point, point
-
-    def statistic(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.mean([np.mean(a, axis=axis) for a in arrays], axis=0)
-
-    result = bootstrap(
-        tuple(samples),
-        statistic,
-        n_resamples=n_resamples,
-        confidence_level=0.95,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    pole = single_pole({Trait(k): float(v) for k, v in traits.items()})
+    return None if pole is None else (pole[0].value, pole[1].value)
 
 
 def mcnemar_p(high: np.ndarray, low: np.ndarray) -> float | None:
@@ -212,7 +180,7 @@ def reasoning_table(units: Iterable[Mapping[str, Any]], tasks: Sequence[str] | N
                     cell.n_paired = len(paired)
                     if paired:
                         cell.diff = float(np.mean(h - lo))
-                        cell.ci = bootstrap_ci([h - lo])
+                        cell.ci = mean_of_means_ci([h - lo])
                         cell.p_mcnemar = mcnemar_p(h, lo)
                         diffs.append(h - lo)
                         highs.append(cell.high or 0.0)
@@ -223,7 +191,7 @@ def reasoning_table(units: Iterable[Mapping[str, Any]], tasks: Sequence[str] | N
                     high=float(np.mean(highs)),
                     low=float(np.mean(lows)),
                     diff=float(np.mean([d.mean() for d in diffs])),
-                    ci=bootstrap_ci(diffs),
+                    ci=mean_of_means_ci(diffs),
                     n_paired=sum(len(d) for d in diffs),
                 )
         table.rows[method] = by_task
@@ -271,4 +239,4 @@ def table_figure(table: ReasoningTable, fmt: str = "svg", method: str | None = N
     return buffer.getvalue()
 
 
-__all__ = ["Cell", "ReasoningTable", "Trait", "bootstrap_ci", "mcnemar_p", "reasoning_table", "table_figure"]
+__all__ = ["Cell", "ReasoningTable", "Trait", "mcnemar_p", "reasoning_table", "table_figure"]

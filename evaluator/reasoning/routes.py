@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
-from big5core.engine import EngineNotReady
 from big5core.errors import Conflict
 from big5core.models import ReasoningRun
+from big5engine.errors import EngineNotReady
 from evaluator.reasoning import report, store
 from evaluator.reasoning.runner import CANCELLED_BY_CLIENT, ReasoningRunner
 from evaluator.reasoning.schemas import (

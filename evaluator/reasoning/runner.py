@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -31,13 +28,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
-from big5core.engine import PersonaEngine
 from big5core.models import ReasoningRun, ReasoningState
-from big5core.persona import PersonaResolver, PersonaSpec, ResolvedPersona
+from big5core.settings import ReasoningSettings
+from big5engine.engine import PersonaEngine
+from big5personas.resolver import PersonaResolver, ResolvedPersona
+from big5personas.spec import PersonaSpec
+from evaluator.background import HEARTBEAT_SECONDS, STALE_AFTER, BackgroundRunner, is_stale
 from evaluator.reasoning import store
 from evaluator.reasoning.errors import ReasoningRunNotResumable
 from evaluator.reasoning.schemas import ReasoningRequest
-from evaluator.reasoning.settings import ReasoningSettings
 from evaluator.reasoning.tasks import TaskInfo, resolve_tasks, task_info
 
 if TYPE_CHECKING:
@@ -46,15 +45,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STALE_AFTER = timedelta(minutes=10)
-HEARTBEAT_SECONDS = 30.0
 
 Evaluate = Callable[..., "UnitResult"]
 T = TypeVar("T")
 CANCELLED_BY_CLIENT = "cancelled by a client"
 
 
-class ReasoningRunner:
+class ReasoningRunner(BackgroundRunner):
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -65,17 +62,13 @@ class ReasoningRunner:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         evaluate: Evaluate | None = None,
     ) -> None:
-        self.sessions = sessions
+        super().__init__(sessions, heartbeat_seconds)
         self.resolver = resolver
         self.engine = engine
         self.settings = settings
-        self.heartbeat_seconds = heartbeat_seconds
         if evaluate is None:
             from evaluator.reasoning.harness import evaluate_unit as evaluate
         self.evaluate = evaluate
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._by_id: dict[str, asyncio.Task[Any]] = {}  # runs of this runner in progress
         self._progress_lock = threading.Lock()
 
     # ------------------------------------------------------------ create
@@ -120,11 +113,7 @@ class ReasoningRunner:
         except asyncio.CancelledError:
             prepared.add_done_callback(self._abandon)
             raise
-        task = loop.create_task(self.run(run_id))
-        self._tasks.add(task)
-        self._by_id[run_id] = task
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._by_id.pop(run_id, None))
+        self._start(run_id, self.run(run_id))
         return run_id
 
     def _abandon(self, prepared: asyncio.Future[str]) -> None:
@@ -133,10 +122,6 @@ class ReasoningRunner:
             asyncio.get_running_loop().run_in_executor(None, self._fail, prepared.result(), reason)
 
     # ------------------------------------------------------------ cancel
-
-    def running(self, run_id: str) -> bool:
-        """Whether this runner is running ``run_id`` now."""
-        return run_id in self._by_id
 
     async def cancel(self, run_id: str, reason: str = CANCELLED_BY_CLIENT) -> bool:
         """Mark the run failed with ``reason`` (if queued or running) and stop it if it runs here.
@@ -296,38 +281,15 @@ class ReasoningRunner:
         with self.sessions() as session:
             return session.scalar(select(ReasoningRun.state).where(ReasoningRun.id == run_id))
 
-    def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
-
-    def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
-        with transaction(self.sessions) as session:
-            operation(session, *args)
-
     def _fail(self, run_id: str, error: str) -> None:
         try:
             self._in_transaction(store.fail, run_id, error)
         except Exception:  # the database may be down: the stale-heartbeat sweep covers it
             logger.exception("could not mark reasoning run %s failed", run_id)
 
-    @staticmethod
-    def _stale(run: ReasoningRun, now: datetime, stale_after: timedelta) -> bool:
-        beat = (run.progress or {}).get("heartbeat")
-        last = datetime.fromisoformat(beat) if beat else run.created_at
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=UTC)
-        return now - last > stale_after
-
     def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
         """Fail runs whose process stopped beating; returns how many. Their stored units stay (resumable)."""
-        now = datetime.now(UTC)
-        count = 0
-        with transaction(self.sessions) as session:
-            live = [ReasoningState.QUEUED, ReasoningState.RUNNING]
-            for run in session.scalars(select(ReasoningRun).where(ReasoningRun.state.in_(live))).all():
-                if self._stale(run, now, stale_after):
-                    store.fail(session, run.id, "interrupted: the process running it stopped")
-                    count += 1
-        return count
+        return self._sweep(ReasoningRun, [ReasoningState.QUEUED, ReasoningState.RUNNING], store.fail, stale_after)
 
     def check_resumable(self, run_id: str, stale_after: timedelta = STALE_AFTER) -> None:
         """Raise unless the run may be resumed here: failed, or queued/running with a stale heartbeat."""
@@ -335,14 +297,8 @@ class ReasoningRunner:
             run = store.get(session, run_id)
             if run.state == ReasoningState.DONE:
                 raise ReasoningRunNotResumable(f"reasoning run {run_id} is done")
-            if run.state != ReasoningState.FAILED and not self._stale(run, datetime.now(UTC), stale_after):
+            if run.state != ReasoningState.FAILED and not is_stale(run, datetime.now(UTC), stale_after):
                 raise ReasoningRunNotResumable(f"reasoning run {run_id} is {run.state} under a live process")
-
-    async def drain(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class _RunEngine:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from big5core.persona import PersonaSpec
+from big5personas.spec import PersonaSpec
 from evaluator.schemas import RunAccepted
 
 if TYPE_CHECKING:

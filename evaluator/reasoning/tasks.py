@@ -18,8 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from big5core.settings import ReasoningSettings
 from evaluator.reasoning.errors import TaskDataMissing, UnknownTask
-from evaluator.reasoning.settings import ReasoningSettings
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUNDLED_DATA = Path(__file__).parent / "data"

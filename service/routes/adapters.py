@@ -14,9 +14,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from big5core import registry
 from big5core.errors import redact_paths
 from big5core.models import AdapterState
+from big5personas import registry
 from service.deps import AdminDep, SessionDep, StateDep, require_client
 from service.schemas import AdapterOut, ReloadFailure, ReloadReport, problems
 from service.state import ServiceState

@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from big5core.engine import EngineNotReady
 from big5core.errors import redact_paths
+from big5engine.errors import EngineNotReady
+from service.context import current_request_id
 from service.deps import MaybeStateDep, StateDep, require_metrics_access
 from service.errors import PROBLEM_MEDIA_TYPE, problem_body
-from service.middleware import current_request_id
 from service.schemas import HealthOut, problems
 from service.supervisor import EngineLost
 

@@ -8,10 +8,11 @@ from datetime import UTC
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from big5core import registry
 from big5core.models import Adapter, AdapterState
-from big5core.persona import persona_key
+from big5core.training import UNIFIED
 from big5core.traits import TRAITS, Method, Trait, TraitVector
+from big5personas import registry
+from big5personas.spec import persona_key
 from service.deps import ServingDep, SessionDep, StateDep, require_client
 from service.routes.sse import component, event, event_stream, json_data, sse, stream_content, stream_problem
 from service.schemas import (
@@ -32,7 +33,6 @@ from service.serving import CompletionStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_client)])
 
-UNIFIED = "unified"
 STREAM_ERROR = {"type": "object", "required": ["error"], "properties": {"error": component("Problem")}}
 
 

@@ -15,8 +15,8 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from service.context import current_request_id
 from service.errors import problem_body
-from service.middleware import current_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,12 @@ import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate, registry
+from big5core import jobs, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
-from big5core.modelstore import sha256_tree
 from big5core.training import TrainSpec
+from big5engine.modelstore import sha256_tree
+from big5personas import registry
 
 LEASE = 60
 
@@ -145,7 +146,7 @@ PUBLISHER = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from safetensors.numpy import save_file
-    from big5core import registry
+    from big5personas import registry
     from big5core.db import make_engine, session_factory, transaction
 
     url, adapters_dir, index, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

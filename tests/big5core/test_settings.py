@@ -110,10 +110,8 @@ def test_set_values_still_parse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _settings_classes() -> list[tuple[type, str]]:
-    """Every BaseSettings class that reads the environment, with its prefix."""
-    from evaluator.reasoning.settings import ReasoningSettings
-
-    return [(Settings, "BIG5_"), (ReasoningSettings, "BIG5_REASONING__")]
+    """Every BaseSettings class that reads the environment, with its prefix (one: every section is in Settings)."""
+    return [(Settings, "BIG5_")]
 
 
 def _env_names(model: type, prefix: str) -> list[str]:
@@ -129,14 +127,15 @@ def _env_names(model: type, prefix: str) -> list[str]:
 
 def test_every_settings_class_is_listed() -> None:
     """A new settings class must join the empty-value test below (trainer/cli.py's TrainArgs reads no env)."""
+    packages = {"big5core", "big5engine", "big5personas", "evaluator", "service", "trainer", "big5"}
     found = set()
     for path in ROOT.glob("*/**/*.py"):
-        if path.parts[len(ROOT.parts)] in {"big5core", "evaluator", "service", "trainer", "big5"}:
+        if path.parts[len(ROOT.parts)] in packages:
             found |= {m.group(1) for m in re.finditer(r"^\s*class (\w+)\(.*BaseSettings", path.read_text(), re.M)}
     assert found - {"TrainArgs"} == {cls.__name__ for cls, _ in _settings_classes()}
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["Settings", "ReasoningSettings"])
+@pytest.mark.parametrize("index", [0], ids=["Settings"])
 def test_every_setting_of_every_class_loads_when_empty(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     """``BIG5_...=`` (each variable empty, one at a time and all at once) loads: unset, never a parsing error."""
     cls, prefix = _settings_classes()[index]
@@ -153,11 +152,9 @@ def test_every_setting_of_every_class_loads_when_empty(monkeypatch: pytest.Monke
 
 
 def test_the_reasoning_settings_keep_their_defaults_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    from evaluator.reasoning.settings import ReasoningSettings
-
     for name in ("SOURCE", "MAX_GEN_TOKS", "CONCURRENCY", "DATA_DIR"):
         monkeypatch.setenv(f"BIG5_REASONING__{name}", "")
-    loaded = ReasoningSettings()
+    loaded = Settings().reasoning
     assert (loaded.source, loaded.max_gen_toks, loaded.concurrency, loaded.data_dir) == ("local", 256, 16, None)
 
 
@@ -186,3 +183,11 @@ def test_the_image_requires_a_database_url(monkeypatch: pytest.MonkeyPatch, targ
     for given in ({}, {"BIG5_DATABASE_URL": ""}):
         with pytest.raises(DatabaseUrlRequired):
             _ = settings_from(monkeypatch, {**env, **given}).resolved_database_url
+
+
+def test_the_reasoning_section_reads_its_old_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Folded into Settings as ``reasoning``, it keeps the names it had as a class of its own."""
+    monkeypatch.setenv("BIG5_REASONING__DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BIG5_REASONING__CONCURRENCY", "3")
+    loaded = Settings().reasoning
+    assert (loaded.data_dir, loaded.concurrency) == (tmp_path, 3)

@@ -12,26 +12,13 @@ from sqlalchemy import func, select
 
 from big5core.generation import GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
-from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5personas.stack import Stack
 from evaluator import store
 from evaluator.administer import parse_answer
 from evaluator.inventories import Inventory
 from evaluator.runner import AssessmentRunner
 from evaluator.schemas import AssessRequest
-
-
-@pytest.fixture()
-def stack(settings: Settings) -> Stack:
-    built = build_stack(settings)
-    yield built
-    built.close()
-
-
-def _run(runner: AssessmentRunner, request: AssessRequest) -> str:
-    assessment_id, resolved, inventory = runner.prepare(request)
-    asyncio.run(runner.run(assessment_id, request, resolved, inventory))
-    return assessment_id
+from tests.evaluator.support import run_assessment
 
 
 @pytest.mark.slow
@@ -40,7 +27,7 @@ def test_ipip120_logprob_stores_everything(stack: Stack, engine: Any) -> None:
     request = AssessRequest.model_validate(
         {"persona": {"method": "prompt", "traits": {"extraversion": "high"}}, "inventory": "ipip_neo_120", "runs": 2}
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "done", assessment.error if assessment else None
@@ -76,7 +63,7 @@ def test_generate_mode_real_engine_records_every_answer(stack: Stack, engine: An
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": "bfi44", "scoring": "generate", "runs": 1, "max_tokens": 16}
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "done", assessment.error if assessment else None
@@ -147,7 +134,7 @@ def test_generate_mode_counts_planted_failures(stack: Stack) -> None:
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": name, "scoring": "generate", "runs": 2}
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "done"
@@ -169,7 +156,7 @@ def test_engine_failure_mid_assessment_leaves_failed_without_items(stack: Stack)
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": name, "scoring": "generate", "runs": 3}
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "failed"

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from big5core.engine import PersonaEngine
 from big5core.generation import ContinuationScore
-from big5core.option_tokens import encode_pair
 from big5core.prompts import ChatMessage
+from big5engine.engine import PersonaEngine
+from big5engine.option_tokens import encode_pair
 
 LABELS = [
     "Very inaccurate",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,14 @@ from sqlalchemy import select
 from big5core.dataset import BUNDLED_REAL, heldout_split, load_filtered
 from big5core.generation import DEFAULT_DECODING, ContinuationScore, GenerationResult
 from big5core.models import Assessment, ItemResponse, TraitScore
-from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
 from big5core.traits import TRAITS
-from evaluator.dialogue import DIALOGUE_INVENTORY, DialogueSetError, load_dialogue_set
+from big5personas.stack import Stack
+from evaluator.dialogue import DialogueSetError, load_dialogue_set
+from evaluator.inventories import DIALOGUE_INVENTORY
 from evaluator.judge import JudgeStore
 from evaluator.runner import AssessmentRunner
 from evaluator.schemas import AssessRequest
+from tests.evaluator.support import run_assessment
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +29,6 @@ def judges(tmp_path_factory: pytest.TempPathFactory) -> JudgeStore:
     store = JudgeStore(tmp_path_factory.mktemp("judges"))
     store.get()
     return store
-
-
-@pytest.fixture()
-def stack(settings: Settings) -> Stack:
-    built = build_stack(settings)
-    yield built
-    built.close()
-
-
-def _run(runner: AssessmentRunner, request: AssessRequest) -> str:
-    assessment_id, resolved, instrument = runner.prepare(request)
-    asyncio.run(runner.run(assessment_id, request, resolved, instrument))
-    return assessment_id
 
 
 def test_the_turns_come_from_held_out_scenarios_only() -> None:
@@ -128,7 +115,7 @@ def test_failed_and_empty_replies_are_recorded_never_defaulted(stack: Stack, jud
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": DIALOGUE_INVENTORY, "max_items": 5}
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "done", assessment.error if assessment else None
@@ -163,7 +150,7 @@ def test_dialogue_assessment_on_the_real_engine(stack: Stack, engine: Any, judge
             "max_tokens": 24,
         }
     )
-    assessment_id = _run(runner, request)
+    assessment_id = run_assessment(runner, request)
     with stack.sessions() as session:
         assessment = session.get(Assessment, assessment_id)
         assert assessment is not None and assessment.state == "done", assessment.error if assessment else None
@@ -184,7 +171,7 @@ def test_dialogue_assessment_on_the_real_engine(stack: Stack, engine: Any, judge
         assert assessment.summary["judge"]["sha256"] == judges.get().card.sha256
         assert assessment.resolved_persona["method"] == "prompt"
     # greedy decoding: the same persona and turns give the same replies again
-    again = _run(runner, request)
+    again = run_assessment(runner, request)
     with stack.sessions() as session:
         first = sorted((r.item_id, r.raw_text) for r in responses)
         second = session.scalars(select(ItemResponse).where(ItemResponse.assessment_id == again)).all()
@@ -211,9 +198,9 @@ def _add_adapter(session: Any, name: str, hyperparams: dict[str, Any]) -> None:
 
 
 def _persona(ref: str) -> Any:
-    from big5core.persona import ResolvedPersona
     from big5core.prompts import TemplateId
     from big5core.traits import Method
+    from big5personas.resolver import ResolvedPersona
 
     return ResolvedPersona(Method.SFT, {}, TemplateId.PLAIN, ref, parts=({"adapter": ref, "weight": 1.0},))
 

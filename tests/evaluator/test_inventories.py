@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from big5core.prompts import INSTRUCTION_VARIANTS
 from big5core.traits import TRAITS, Trait
 from evaluator.inventories import (
-    INSTRUCTION_VARIANTS,
     Inventory,
     InventoryError,
     InventoryItem,

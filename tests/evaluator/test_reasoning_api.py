@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import build_stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import build_stack
 from service.app import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # see pyproject: passed 2026-12-02, outside the default run
@@ -29,10 +29,10 @@ def client(
     work = tmp_path_factory.mktemp("reasoning-api") / "data"
     work.mkdir()
     (work / "models").symlink_to(data_dir / "models", target_is_directory=True)
-    settings = Settings(data_dir=work, database_url=pg_url)
-    stack = build_stack(settings)
     mp = pytest.MonkeyPatch()
     mp.delenv("BIG5_REASONING__DATA_DIR", raising=False)  # the bundled data only: PIQA/SocialIQA missing
+    settings = Settings(data_dir=work, database_url=pg_url)
+    stack = build_stack(settings)
     try:
         with TestClient(create_app(settings, stack=stack, engine=engine)) as test_client:
             yield test_client

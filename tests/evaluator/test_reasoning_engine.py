@@ -14,17 +14,16 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from big5core.engine import PersonaEngine
 from big5core.models import ReasoningItem, ReasoningResult, ReasoningRun
-from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5core.settings import ReasoningSettings, Settings
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack, build_stack
 from evaluator.reasoning.harness import evaluate_unit
 from evaluator.reasoning.lm import Big5LM
-from evaluator.reasoning.report import bootstrap_ci
 from evaluator.reasoning.runner import ReasoningRunner
 from evaluator.reasoning.schemas import ReasoningRequest
-from evaluator.reasoning.settings import ReasoningSettings
 from evaluator.reasoning.tasks import task_info
+from evaluator.stats import mean_of_means_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]  # see pyproject: passed 2026-12-02, outside the default run
 
@@ -91,7 +90,7 @@ def test_direct_agrees_with_stock_hf_backend(
         assert item.loglikelihoods is not None
         ll_gap = max(ll_gap, float(np.max(np.abs(np.array(item.loglikelihoods) - np.array(hf_ll)))))
         diffs.append(item.score - float(sample["acc"]))
-    low, high = bootstrap_ci([np.array(diffs)]) or (0.0, 0.0)
+    low, high = mean_of_means_ci([np.array(diffs)]) or (0.0, 0.0)
     assert low <= 0.0 <= high, f"{name}: big5 direct - hf accuracy CI [{low}, {high}]"
     assert ll_gap < 0.05, f"{name}: log-likelihoods differ by up to {ll_gap}"
 

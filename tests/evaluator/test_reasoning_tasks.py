@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from big5core.settings import ReasoningSettings
 from evaluator.reasoning import tasks as T
 from evaluator.reasoning.errors import TaskDataMissing, UnknownTask
-from evaluator.reasoning.settings import ReasoningSettings
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "reasoning"
 LOCAL = ReasoningSettings(data_dir=SHARED if SHARED.is_dir() else None)

@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack, build_stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack, build_stack
 from service.app import create_app
 from tests.service.support import Loras, build_random_loras
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from big5core import registry
 from big5core.db import transaction
-from big5core.lora import LLAMA_TARGET_MODULES
-from big5core.stack import Stack
+from big5engine.lora import LLAMA_TARGET_MODULES
+from big5personas import registry
+from big5personas.stack import Stack
 from service.errors import PROBLEM_BASE
 
 QUESTION = "Describe your ideal weekend in two sentences."

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.compose_cache import COMPOSED_PREFIX
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.compose_cache import COMPOSED_PREFIX
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from service.serving import GenerationService
 from tests.service.conftest import with_service

@@ -27,9 +27,9 @@ import httpx
 import psutil
 import pytest
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from service.errors import PROBLEM_BASE
 from tests.service.conftest import with_service

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from big5core.db import transaction
-from big5core.engine import PersonaEngine
 from big5core.models import Adapter, AdapterState
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
 from tests.service.support import Loras, assert_problem, generate_body

@@ -22,10 +22,10 @@ from sqlalchemy import delete
 from typer.testing import CliRunner
 
 from big5core.db import transaction
-from big5core.engine import PersonaEngine
 from big5core.models import Adapter, Assessment
 from big5core.settings import ServiceSettings, Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from evaluator import store
 from service.app import create_app
 from service.cli import REFUSED_EXIT, register

@@ -26,9 +26,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import build_stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import build_stack
 from service.app import create_app
 from service.errors import PROBLEM_BASE
 from tests.service.support import generate_body, serve_over_http

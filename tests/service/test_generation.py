@@ -10,9 +10,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
 from tests.service.support import QUESTION, Loras, generate_body, sse_from_text

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 import big5core.errors as categories
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service import errors
 from service.app import create_app
 from tests.engine_support import TEST_ENGINE
@@ -180,19 +180,21 @@ def test_unversioned_aliases_are_in_the_openapi_document(client: TestClient) -> 
 
 
 def _domain_error_classes() -> list[type[BaseException]]:
-    import big5core.compose
-    import big5core.engine
     import big5core.jobs
-    import big5core.modelstore
-    import big5core.option_tokens
-    import big5core.persona
-    import big5core.registry
+    import big5engine.compose
+    import big5engine.errors
+    import big5engine.modelstore
+    import big5engine.option_tokens
+    import big5personas.registry
+    import big5personas.resolver
+    import big5personas.spec
     import evaluator.inventories
     import evaluator.store
     import trainer.worker
 
-    modules = [big5core.compose, big5core.engine, big5core.jobs, big5core.modelstore, big5core.persona]
-    modules += [big5core.option_tokens, big5core.registry, evaluator.inventories, evaluator.store, trainer.worker]
+    modules = [big5engine.compose, big5engine.errors, big5core.jobs, big5engine.modelstore, big5personas.resolver]
+    modules += [big5personas.spec, big5engine.option_tokens, big5personas.registry, evaluator.inventories]
+    modules += [evaluator.store, trainer.worker]
     return [
         value
         for module in modules

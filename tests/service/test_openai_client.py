@@ -8,9 +8,9 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
 from tests.service.support import QUESTION, serve_over_http

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from big5core.compose_cache import COMPOSED_PREFIX, ComposedCache
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.compose_cache import COMPOSED_PREFIX, ComposedCache
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
 from tests.service.support import assert_problem, generate_body

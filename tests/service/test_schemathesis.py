@@ -46,9 +46,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from big5core.engine import PersonaEngine
 from big5core.settings import Settings
-from big5core.stack import Stack
+from big5engine.engine import PersonaEngine
+from big5personas.stack import Stack
 from service.app import create_app
 from tests.service.conftest import with_service
 from tests.service.support import serve_over_http

@@ -18,12 +18,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from big5core import registry
 from big5core.datagen import DatagenSpec
 from big5core.dataset import load_rows
 from big5core.db import transaction
-from big5core.modelstore import base_model_id
 from big5core.settings import Settings, TrainerSettings
+from big5engine.modelstore import base_model_id
+from big5personas import registry
 from tests.model_support import make_tiny_llama
 from trainer.datagen.generate import Generator
 from trainer.datagen.io import OUTPUT_COLUMNS, PartFile, read_scenarios

@@ -24,12 +24,13 @@ from sqlalchemy import Engine, event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate, registry
+from big5core import jobs, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
-from big5core.modelstore import sha256_tree
 from big5core.settings import Settings, TrainerSettings
 from big5core.training import TrainSpec
+from big5engine.modelstore import sha256_tree
+from big5personas import registry
 from tests.conftest import PG_ADMIN_URL
 from tests.model_support import make_tiny_llama
 from trainer import checkpoints

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from big5core.prompts import training_messages, unified_instruction
-from big5core.registry import check_adapter_folder
 from big5core.training import TrainSpec
 from big5core.traits import TRAITS, Level, Method
+from big5personas.registry import check_adapter_folder
 from tests.model_support import make_tiny_llama
 from tests.trainer.test_training import FAST
 from trainer.level_contrast import contrast_loss, level_swap

@@ -22,9 +22,9 @@ from sqlalchemy import select
 
 from big5core.db import make_engine, session_factory
 from big5core.models import Adapter, JobState, TrainingJob
-from big5core.modelstore import sha256_tree
 from big5core.settings import Settings, TrainerSettings
 from big5core.training import TrainSpec
+from big5engine.modelstore import sha256_tree
 from tests.model_support import make_tiny_llama
 from trainer.worker import Worker, submit
 

@@ -16,10 +16,10 @@ from sqlalchemy import select
 
 from big5core.db import make_engine, session_factory
 from big5core.models import Adapter, JobState, TrainingJob
-from big5core.modelstore import sha256_file, sha256_tree
-from big5core.registry import check_adapter_folder
 from big5core.settings import Settings, TrainerSettings
 from big5core.training import TrainSpec
+from big5engine.modelstore import sha256_file, sha256_tree
+from big5personas.registry import check_adapter_folder
 from tests.model_support import make_tiny_llama
 from trainer.train import load_dataset_rows, prepare, train_adapter
 from trainer.worker import Worker, submit

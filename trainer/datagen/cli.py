@@ -41,6 +41,7 @@ def register(app: typer.Typer, judge_factory: JudgeFactory | None = None) -> Non
     ) -> None:
         """Generate BIG5-CHAT rows with DExperts: the base model steered by a trait expert per condition."""
         from big5core.datagen import DatagenSpec
+        from big5core.migrate import open_database
         from big5core.settings import get_settings
         from trainer.datagen.job import submit
         from trainer.worker import Worker, job_snapshot
@@ -66,15 +67,16 @@ def register(app: typer.Typer, judge_factory: JudgeFactory | None = None) -> Non
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         settings = get_settings()
-        job_id = submit(settings, spec)
-        typer.echo(f"queued datagen job {job_id}")
-        if not wait:
-            return
-        runner = Worker(settings)
-        if judge and judge_factory is not None:
-            runner.judge = judge_factory()
-        runner.run_job(job_id)
-        job = job_snapshot(runner.sessions, job_id)
+        with open_database(settings) as db:  # one engine for queueing and running the job
+            job_id = submit(settings, spec, db=db)
+            typer.echo(f"queued datagen job {job_id}")
+            if not wait:
+                return
+            runner = Worker(settings, db=db)
+            if judge and judge_factory is not None:
+                runner.judge = judge_factory()
+            runner.run_job(job_id)
+            job = job_snapshot(db.sessions, job_id)
         typer.echo(json.dumps({"job": job.id, "state": job.state, "result": job.result, "error": job.error}, indent=2))
         if job.result:
             typer.echo(f"{job.result.get('generated_now')} rows in {job.result.get('seconds')} s: "

@@ -15,12 +15,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from big5core import jobs, registry
+from big5core import jobs
 from big5core.datagen import DatagenError, DatagenSpec, TraitScorer
-from big5core.db import transaction
-from big5core.modelstore import base_model_id, resolve_base_model
+from big5core.db import Database, transaction
 from big5core.settings import Settings
 from big5core.traits import Level, Trait
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas import registry
 from trainer.datagen.generate import Condition, Generator, fingerprint
 from trainer.datagen.io import PartFile, read_scenarios
 from trainer.datagen.steering import ExpertSource, SteeringModels
@@ -105,12 +106,12 @@ def run_datagen_job(
     return "succeeded"
 
 
-def submit(settings: Settings, spec: DatagenSpec) -> str:
-    """Queue a datagen job; returns its id."""
-    from big5core import migrate
-    from big5core.db import engine_for, session_factory
+def submit(settings: Settings, spec: DatagenSpec, *, db: Database | None = None) -> str:
+    """Queue a datagen job; returns its id. Without ``db`` a database is opened for it and closed again."""
+    if db is None:
+        from big5core.migrate import open_database
 
-    migrate.ensure_current(settings.resolved_database_url)
-    sessions = session_factory(engine_for(settings))
-    with transaction(sessions) as session:
+        with open_database(settings) as own:
+            return submit(settings, spec, db=own)
+    with transaction(db.sessions) as session:
         return jobs.create_job(session, spec, max_attempts=settings.trainer.max_attempts).id

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from types import ModuleType
-
 import pytest
 import torch
 
-from big5core import sgmv
+from big5engine import sgmv
+from tests.big5engine.support import fresh_upstream_ops
 
 pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
 
-def _fresh_upstream() -> ModuleType:
-    """A private copy of vLLM's ops module, untouched even if the plugin patched the imported one."""
-    spec = importlib.util.find_spec("vllm.lora.ops.torch_ops.lora_ops")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-upstream = _fresh_upstream()
+upstream = fresh_upstream_ops()
 
 SLOTS, MAX_RANK, HIDDEN = 6, 64, 48
 RANKS = {0: 8, 1: 40, 2: 64, 3: 8, 4: 16, 5: 0}  # 40: five composed rank-8 traits; 64: max_lora_rank; 0: empty

@@ -11,7 +11,7 @@ and #48421, see ``/work/shared/CPU_NOTES.md``).
 
 Two ways out, chosen per engine by :func:`lora_engine_setup`:
 
-- the grouped LoRA ops of :mod:`big5core.vllm_plugin` (the default wherever the plugin is installed):
+- the grouped LoRA ops of :mod:`big5engine.vllm_plugin` (the default wherever the plugin is installed):
   rows with index -1 get no delta, so base requests keep index -1 and a base-only batch skips the
   LoRA ops entirely;
 - otherwise, an explicit zero adapter, whose ``lora_B`` matrices are all zero (delta exactly zero),
@@ -188,7 +188,7 @@ def lora_engine_setup(
     """
     if not enable_lora:
         return {"enable_lora": False}, None
-    from big5core import vllm_plugin
+    from big5engine import vllm_plugin
 
     plugin = vllm_plugin.enabled()
     use_zero = zero if zero is not None else not on_gpu and not plugin

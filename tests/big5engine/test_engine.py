@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from big5core import vllm_plugin
-from big5core.engine import EngineNotReady, PersonaEngine, PromptTooLong
 from big5core.generation import GenerationResult, SamplingOptions
-from big5core.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from big5core.prompts import ChatMessage
+from big5engine import vllm_plugin
+from big5engine.engine import PersonaEngine
+from big5engine.errors import EngineNotReady, PromptTooLong
+from big5engine.lora import LLAMA_TARGET_MODULES, ZERO_ADAPTER_NAME, lora_engine_setup, make_zero_adapter
 from tests.engine_support import TEST_ENGINE, engine_model_path, start_test_engine
 
 GREEDY = SamplingOptions(max_tokens=48)
@@ -92,10 +93,10 @@ class _DyingLLM:
 
 
 def test_requests_in_flight_when_the_engine_dies_get_not_ready(tmp_path: Path) -> None:
-    from big5core.engine import _LoopThread
+    from big5engine.loop import LoopThread
 
     dying = PersonaEngine(engine_model_path(), TEST_ENGINE, work_dir=tmp_path)
-    dying._llm, dying._thread = _DyingLLM(), _LoopThread("dying-engine")  # type: ignore[assignment]
+    dying._llm, dying._thread = _DyingLLM(), LoopThread("dying-engine")  # type: ignore[assignment]
     try:
         with pytest.raises(EngineNotReady, match="engine died"):
             asyncio.run(dying.generate(chat("hi"), GREEDY))

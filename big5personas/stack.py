@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import migrate
-from big5core.db import engine_for, session_factory
+from big5core.db import Database
 from big5core.demos import demo_examples
-from big5core.modelstore import base_model_id, resolve_base_model
-from big5core.persona import PersonaResolver
+from big5core.migrate import open_database
 from big5core.settings import Settings
+from big5engine.modelstore import base_model_id, resolve_base_model
+from big5personas.resolver import PersonaResolver
 
 if TYPE_CHECKING:
-    from big5core.engine import PersonaEngine
+    from big5engine.engine import PersonaEngine
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Stack:
     resolver: PersonaResolver
 
     def make_engine(self, *, enable_lora: bool = True) -> PersonaEngine:
-        from big5core.engine import PersonaEngine
+        from big5engine.engine import PersonaEngine
 
         return PersonaEngine(
             self.base_model_path,
@@ -46,6 +46,11 @@ class Stack:
             work_dir=self.settings.data_dir / "engine",
         )
 
+    @property
+    def database(self) -> Database:
+        """The stack's database, for a component that shares it (a worker: ``Worker(settings, db=...)``)."""
+        return Database(self.db, self.sessions)
+
     def close(self) -> None:
         self.db.dispose()
 
@@ -53,13 +58,10 @@ class Stack:
 def build_stack(settings: Settings, *, migrate_db: bool = True) -> Stack:
     """Database (migrated to head unless told otherwise), base model (provisioned), resolver."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if migrate_db:
-        migrate.ensure_current(settings.resolved_database_url)
-    db = engine_for(settings)
-    sessions = session_factory(db)
+    database = open_database(settings, migrate_db=migrate_db)
     base_path = resolve_base_model(settings)
     base_id = base_model_id(settings)
     resolver = PersonaResolver(
-        settings, sessions, base_id, demo_examples=partial(demo_examples, source=settings.demo_dataset)
+        settings, database.sessions, base_id, demo_examples=partial(demo_examples, source=settings.demo_dataset)
     )
-    return Stack(settings, db, sessions, base_path, base_id, resolver)
+    return Stack(settings, database.engine, database.sessions, base_path, base_id, resolver)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from big5core.compose import CompositionError, compose_adapters, delta_weights, read_manifest
-from big5core.registry import check_adapter_folder
+from big5engine.compose import CompositionError, compose_adapters, delta_weights, read_manifest
+from big5personas.registry import check_adapter_folder
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = [*ATTN, "gate_proj", "up_proj", "down_proj"]

@@ -8,7 +8,7 @@ several times slower than a base request, and log-prob questionnaire scoring (on
 about 20x slower. The ops here compute the same products grouped by adapter -- one matrix product
 per distinct adapter in the batch, usually one or two -- and give rows with index -1 ("no
 adapter") a zero delta, which is also the correct meaning of -1 (upstream, -1 reads the last slot:
-vllm-project/vllm PRs #49656 and #48421). Without the plugin :mod:`big5core.lora` falls back to
+vllm-project/vllm PRs #49656 and #48421). Without the plugin :mod:`big5engine.lora` falls back to
 sending an explicit zero adapter with every base request.
 
 vLLM loads general plugins in every process it starts (API, engine core, workers) through the
@@ -16,7 +16,7 @@ vLLM loads general plugins in every process it starts (API, engine core, workers
 on the CPU platform; ``BIG5_VLLM_GROUPED_LORA=0`` turns it off (the serving bench compares both).
 
 On top of the three ops, the plugin replaces the CPU punica wrapper's ``add_lora_linear`` -- the call
-every LoRA linear layer makes -- with the segmented path of :mod:`big5core.sgmv`: one shrink and one
+every LoRA linear layer makes -- with the segmented path of :mod:`big5engine.sgmv`: one shrink and one
 expand product per projection per batch, fused slices, ranks trimmed, base rows skipped. The wrapper's
 ``update_metadata`` builds the per-step row plan, and ``LoRAModelManager.activate_adapter`` marks the
 slot it writes so packed weights are rebuilt for it. ``BIG5_VLLM_SGMV_LORA=0`` keeps the grouped ops
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from big5core import sgmv
+from big5engine import sgmv
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from big5core.registry import AdapterRef, RegistryError
+from big5personas.registry import AdapterRef, RegistryError
 
 
 @pytest.mark.parametrize(("text", "name", "version"), [("sft-unified", "sft-unified", None), ("a@3", "a", 3)])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from big5core.compose import compose_adapters, read_manifest
-from big5core.compose_cache import ComposedCache, ComposedStorageFull, Hold, Residency, estimate_bytes
+from big5engine.compose import compose_adapters, read_manifest
+from big5engine.compose_cache import ComposedCache, ComposedStorageFull, Hold, Residency, estimate_bytes
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 
@@ -51,7 +51,7 @@ REPLICA = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from big5core.compose_cache import ComposedCache
+    from big5engine.compose_cache import ComposedCache
 
     root, name, parts, start, hold = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
     vector = [(Path(p), w) for p, w in parts]
@@ -208,7 +208,7 @@ FILE_SIZE_LIMITED = textwrap.dedent(
     """
     import json, resource, signal, sys
     from pathlib import Path
-    from big5core.compose import compose_adapters
+    from big5engine.compose import compose_adapters
 
     parts = [(Path(p), w) for p, w in json.loads(sys.argv[2])]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from big5core.generation import OptionScores
-from big5core.option_tokens import OptionTokensUnavailable, check_option_tokens, encode_pair
+from big5engine.option_tokens import OptionTokensUnavailable, check_option_tokens, encode_pair
 
 DIGITS = ("1", "2", "3", "4", "5")
 

@@ -21,7 +21,7 @@ adapter, which makes the result inexact), DoRA, trained biases, ``modules_to_sav
 ``rank_pattern``/``alpha_pattern``, embedding LoRA, and parts whose shapes for one module disagree
 (adapters trained on different base models).
 
-The folders it writes are kept, shared and bounded by :mod:`big5core.compose_cache`.
+The folders it writes are kept, shared and bounded by :mod:`big5engine.compose_cache`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from big5core.errors import Conflict
 
-if TYPE_CHECKING:  # torch is imported when composing, so importing big5core.persona stays light
+if TYPE_CHECKING:  # torch is imported when composing, so importing big5personas.resolver stays light
     import torch
 
 logger = logging.getLogger(__name__)

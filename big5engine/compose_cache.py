@@ -1,6 +1,6 @@
 """Composed adapter folders on disk and in an engine: the shared cache and the residency bound.
 
-:class:`ComposedCache` keeps the folders that :func:`big5core.compose.compose_adapters` writes, shared
+:class:`ComposedCache` keeps the folders that :func:`big5engine.compose.compose_adapters` writes, shared
 by the processes that share the folder: each built once (a file lock per name), reused while its
 manifest matches, evicted least recently used beyond a budget (a count, and optionally bytes) but never
 while a process holds it. A process holds a folder only while a request uses it (:class:`Hold`).
@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from big5core.compose import CONFIG_FILE, WEIGHTS_FILE, CompositionError, compose_adapters, read_manifest
 from big5core.errors import Unavailable
+from big5engine.compose import CONFIG_FILE, WEIGHTS_FILE, CompositionError, compose_adapters, read_manifest
 
 try:  # POSIX: a file lock makes "built once" hold across processes sharing a cache folder
     import fcntl

@@ -10,12 +10,11 @@ persona means the same thing wherever it is used. A persona is a method and a tr
 - ``sft`` / ``dpo``: a trained adapter. One pole with a unified adapter -> that adapter plus the
   paper's instruction. Otherwise one per-trait adapter per nonzero trait (``high`` for a positive
   value, ``low`` for a negative one) weighted by ``|v|``; a single part at weight 1 is used as is,
-  anything else is composed exactly (:mod:`big5core.compose`) into a deterministic folder
+  anything else is composed exactly (:mod:`big5engine.compose`) into a deterministic folder
   ``adapters_dir/_composed/composed-<16 hex>`` kept under an LRU budget.
 
-Its canonical string form, also accepted as the OpenAI ``model`` field, reads
-``big5/sft?openness=0.75&neuroticism=-1`` (traits quantised, OCEAN order, ``&adapter=name@3`` when
-explicit). Errors are domain exceptions; the service maps them to HTTP problems.
+What a client asks for, and its canonical string form, is :mod:`big5personas.spec`. Errors are domain
+exceptions; the service maps them to HTTP problems.
 """
 
 from __future__ import annotations
@@ -26,20 +25,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import registry
-from big5core.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
-from big5core.errors import Invalid, NotFound
+from big5core.errors import NotFound
 from big5core.models import Adapter
 from big5core.prompts import (
     ChatMessage,
@@ -51,35 +46,17 @@ from big5core.prompts import (
     with_prefix,
     with_system,
 )
-from big5core.registry import AdapterRef, ChecksumMismatch, RegistryError
 from big5core.settings import Settings
-from big5core.traits import TRAITS, Level, Method, Trait, TraitVector
+from big5core.training import PER_TRAIT, UNIFIED
+from big5core.traits import ADAPTER_METHODS, TRAITS, Level, Method, Trait, TraitVector, single_pole
+from big5engine.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
+from big5personas import registry
+from big5personas.registry import AdapterRef, RegistryError
+from big5personas.spec import PersonaError, PersonaSpec, fmt_value, persona_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "AdapterNotReadyError",
-    "ChecksumMismatch",
-    "Method",  # big5core.traits.Method, re-exported for callers that import it from here
-    "PersonaError",
-    "PersonaNotFound",
-    "PersonaResolver",
-    "PersonaSpec",
-    "ResolvedPersona",
-    "composed_name",
-    "persona_key",
-]
-
-KEY_PREFIX = "big5/"
-UNIFIED, PER_TRAIT = "unified", "per-trait"
 COMPOSED_DIRNAME = "_composed"
-ADAPTER_METHODS = (Method.SFT, Method.DPO)
-
-
-class PersonaError(Invalid):
-    """The persona is well-formed but makes no sense (e.g. demo with a mixed vector)."""
-
-    code, title = "invalid-persona", "Invalid persona"
 
 
 class PersonaNotFound(NotFound):
@@ -92,111 +69,14 @@ AdapterNotReadyError = registry.AdapterNotReady
 """An explicitly named adapter exists but is not ready (pending, errored, retired)."""
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
-
-
-def persona_key(method: Method | str, traits: Mapping[Trait, float], adapter: str | None = None) -> str:
-    """Canonical string of a (quantised) persona: ``big5/sft?openness=0.75&neuroticism=-1``."""
-    params = [f"{t.value}={_fmt(traits[t])}" for t in TRAITS if traits.get(t)]
-    if adapter:
-        params.append(f"adapter={quote(adapter, safe='@-_.:')}")
-    return f"{KEY_PREFIX}{Method(method).value}" + ("?" + "&".join(params) if params else "")
-
-
 def composed_name(parts: Sequence[tuple[str, float]]) -> str:
     """Deterministic engine name of a composition from its parts' (sha256, weight), in order."""
     payload = json.dumps([[sha, round(float(w), 6)] for sha, w in parts], separators=(",", ":"))
     return COMPOSED_PREFIX + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _single_pole(traits: Mapping[Trait, float]) -> tuple[Trait, Level] | None:
-    if len(traits) != 1:
-        return None
-    ((trait, value),) = traits.items()
-    if abs(value) != 1.0:
-        return None
-    return trait, Level.HIGH if value > 0 else Level.LOW
-
-
 def _describe(traits: Mapping[Trait, float]) -> str:
-    return ", ".join(f"{t.value}={_fmt(traits[t])}" for t in TRAITS if t in traits) or "none"
-
-
-class PersonaSpec(BaseModel):
-    """What a client asks for: a method and a trait vector, or an explicit registry adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Method = Field(
-        Method.SFT,
-        description="sft/dpo: trained adapters; prompt: Prompt-Inst; demo: Prompt-Demo; direct: no persona.",
-    )
-    traits: TraitVector | None = Field(
-        None, description="Trait intensities in [-1, 1] (or high/low); quantised by the server."
-    )
-    adapter: str | None = Field(
-        None,
-        description="Explicit registry adapter, name or name@version (sft/dpo only).",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(@[0-9]+)?$",
-        max_length=160,
-    )
-
-    def quantised(self, step: float = 0.25) -> dict[Trait, float]:
-        return self.traits.quantised(step) if self.traits is not None else {}
-
-    def to_key(self, step: float = 0.25) -> str:
-        """Canonical readable key (traits quantised to ``step``, OCEAN order)."""
-        return persona_key(self.method, self.quantised(step), self.adapter)
-
-    @classmethod
-    def from_model_name(cls, text: str) -> PersonaSpec:
-        """Parse ``big5/<method>[?trait=value&...][&adapter=name@version]`` (values numbers or high/low)."""
-        raw = text.strip()
-        if not raw.lower().startswith(KEY_PREFIX):
-            raise PersonaError(
-                f"persona model names look like 'big5/<method>?openness=0.5&neuroticism=low'; got {text!r}"
-            )
-        method_text, _, query = raw[len(KEY_PREFIX) :].partition("?")
-        try:
-            method = Method(method_text.strip().lower())
-        except ValueError:
-            names = ", ".join(m.value for m in Method)
-            raise PersonaError(f"unknown persona method {method_text!r} in {text!r}; expected one of {names}") from None
-        traits: dict[Trait, float | str] = {}
-        adapter: str | None = None
-        for item in filter(None, query.split("&")):
-            name, sep, value = (unquote(s).strip() for s in item.partition("="))
-            if not sep or not value:
-                raise PersonaError(f"{item!r} in {text!r} needs a value: name=value")
-            if name.lower() == "adapter":
-                if adapter is not None:
-                    raise PersonaError(f"adapter given twice in {text!r}")
-                try:
-                    adapter = str(AdapterRef.parse(value))
-                except RegistryError as exc:
-                    raise PersonaError(str(exc)) from None
-                continue
-            try:
-                trait = Trait.parse(name)
-            except ValueError as exc:
-                raise PersonaError(f"{exc} (in {text!r})") from None
-            if trait in traits:
-                raise PersonaError(f"{trait.value} given twice in {text!r}")
-            if value.lower() in ("high", "low"):
-                traits[trait] = value.lower()
-                continue
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if not math.isfinite(number) or not -1.0 <= number <= 1.0:
-                raise PersonaError(f"{trait.value}={value!r} in {text!r}: expected a number in [-1, 1], high or low")
-            traits[trait] = number
-        try:
-            return cls(method=method, traits=TraitVector.model_validate(traits) if traits else None, adapter=adapter)
-        except ValidationError as exc:
-            raise PersonaError(f"invalid persona {text!r}: {exc.errors()[0]['msg']}") from None
+    return ", ".join(f"{t.value}={fmt_value(traits[t])}" for t in TRAITS if t in traits) or "none"
 
 
 @dataclass(frozen=True)
@@ -378,7 +258,7 @@ class PersonaResolver:
         if not traits and spec.adapter is None:
             raise PersonaError(
                 f"method {spec.method.value} needs at least one nonzero trait "
-                f"(after quantisation to steps of {_fmt(self._step)})"
+                f"(after quantisation to steps of {fmt_value(self._step)})"
             )
         if spec.method is Method.PROMPT:
             return self._prompt(traits)
@@ -391,7 +271,7 @@ class PersonaResolver:
     # -- prompt baselines --------------------------------------------------------------------
 
     def _prompt(self, traits: dict[Trait, float]) -> ResolvedPersona:
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         if pole is not None:
             prefix = prompt_inst(*pole)
         else:
@@ -401,7 +281,7 @@ class PersonaResolver:
         )
 
     def _demo(self, traits: dict[Trait, float]) -> ResolvedPersona:
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         if pole is None:
             raise PersonaError(f"Prompt-Demo needs exactly one trait at high or low (-1 or 1); got {_describe(traits)}")
         if self._demo_examples is None:
@@ -465,7 +345,7 @@ class PersonaResolver:
             method = Method(info.method)  # method left at its default: take the adapter's
         part = ({"adapter": info.ref, "weight": 1.0},)
         if info.layout == UNIFIED:
-            pole = _single_pole(traits)
+            pole = single_pole(traits)
             if pole is None:
                 raise PersonaError(
                     f"adapter {info.ref} is a unified adapter: give exactly one trait at high or low; "
@@ -497,7 +377,7 @@ class PersonaResolver:
 
     def _by_traits(self, method: Method, traits: dict[Trait, float]) -> ResolvedPersona:
         key = persona_key(method, traits)
-        pole = _single_pole(traits)
+        pole = single_pole(traits)
         found: list[tuple[_AdapterInfo, float]] = []
         with self._sessions() as session:
             unified = None
@@ -509,7 +389,7 @@ class PersonaResolver:
             missing: list[str] = []
             rows: list[Adapter] = []
             for trait in (t for t in TRAITS if t in traits):
-                level = Level.HIGH if traits[trait] > 0 else Level.LOW
+                level = Level.of(traits[trait])
                 row = registry.find(
                     session,
                     method=method.value,

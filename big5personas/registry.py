@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from big5core import fsio
 from big5core.errors import Conflict, Invalid, NotFound, NotReady
 from big5core.models import Adapter, AdapterState
-from big5core.modelstore import sha256_tree
+from big5engine.modelstore import sha256_tree
 
 logger = logging.getLogger(__name__)
 
