@@ -99,8 +99,9 @@ def test_failing_requests_release_their_folders_and_runs_are_bounded(
     before = _composed(root)
     budget, cache.max_bytes = cache.max_bytes, 1  # the session's stack: put back below
     try:
-        # a vector no other test of the session composes (test_composed_residency uses the quarter grid)
-        body = generate_body(traits={"openness": 0.375, "extraversion": -0.625}, max_tokens=1)
+        # a vector no other test of the session composes (values snap to the 0.25 grid; the steps above and
+        # test_composed_residency compose openness 0.25..0.75 with extraversion -1..-0.25)
+        body = generate_body(traits={"openness": 1.0, "extraversion": -0.75}, max_tokens=1)
         refused = assert_problem(limited.post("/v1/generate", json=body), 503, "composed-storage-full")
         assert int(limited.post("/v1/generate", json=body).headers["retry-after"]) > 0
     finally:
