@@ -61,7 +61,11 @@ CLIENT_KEY = "schemathesis-client-key"
 ADMIN_KEY = "schemathesis-admin-key"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PROBLEM = "#/components/schemas/Problem"
-LENGTH_FIELDS = {"/v1/generate": "max_tokens", "/v1/chat/completions": "max_completion_tokens"}
+LENGTH_FIELDS = {
+    "/v1/generate": "max_tokens",
+    "/generate": "max_tokens",  # the design card's alias of /v1/generate
+    "/v1/chat/completions": "max_completion_tokens",
+}
 
 
 @dataclass
