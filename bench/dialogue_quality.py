@@ -118,7 +118,8 @@ def main() -> None:
     from big5.quickstart_report import load_reference
 
     reference = load_reference(reference_file)
-    rows = []
+    real = method_quality({}, [], reference)[0] if reference else None  # the real replies' row, once
+    rows = [] if real is None else [real]
     with stack.sessions() as session:
         coverage: dict[str, dict[str, float]] = {}
         for (set_label, dec_label, cond), p in planned.items():
@@ -142,8 +143,7 @@ def main() -> None:
                         gaps[trait.value] = paired_gap(high, low, trait.value).gap
                 cov = {f"m|{k}": v for k, v in coverage.get(set_label, {}).items() if v is not None}
                 title = f"{set_label} {dec_label}"
-                (row,) = [r for r in method_quality(replies, [("m", title)], None, cov, {title: gaps})]
-                real = method_quality({}, [], reference)[0] if reference else None
+                (row,) = method_quality(replies, [("m", title)], None, cov, {title: gaps})
                 if real is not None and row.relevance is not None and real.relevance:
                     row.relevance_ratio = row.relevance / real.relevance
                 rows.append(row)
@@ -158,8 +158,6 @@ def main() -> None:
                     + " ".join(f"{t[:1].upper()}{'-' if g is None else format(g, '+.2f')}" for t, g in gaps.items()),
                     flush=True,
                 )
-    if reference:
-        rows.insert(0, method_quality({}, [], reference)[0])
     print("\n```\n" + format_rows(rows) + "\n```")
     print(f"dialogue quality bench finished in {time.monotonic() - started:.0f} s; rows appended to {out}")
     stack.close()
