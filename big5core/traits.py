@@ -71,16 +71,18 @@ class Level(StrEnum):
 
 
 class Method(StrEnum):
-    """How a persona is induced: an adapter (sft, dpo), Prompt-Inst (prompt), Prompt-Demo (demo) or none (direct)."""
+    """How a persona is induced: an adapter (sft, dpo), Prompt-Inst (prompt), Prompt-Demo (demo), activation
+    steering (steer) or none (direct)."""
 
     SFT = "sft"
     DPO = "dpo"
     PROMPT = "prompt"
     DEMO = "demo"
     DIRECT = "direct"
+    STEER = "steer"
 
 
-METHOD_ORDER: tuple[Method, ...] = (Method.DIRECT, Method.PROMPT, Method.DEMO, Method.SFT, Method.DPO)
+METHOD_ORDER: tuple[Method, ...] = (Method.DIRECT, Method.PROMPT, Method.DEMO, Method.STEER, Method.SFT, Method.DPO)
 """The order tables, plans and reports list the methods in: the no-persona baseline, the prompting
 baselines, then the adapters. (The enum's own order is kept: it is the OpenAPI document's.)"""
 

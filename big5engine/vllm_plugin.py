@@ -22,6 +22,8 @@ expand product per projection per batch, fused slices, ranks trimmed, base rows 
 slot it writes so packed weights are rebuilt for it. ``BIG5_VLLM_SGMV_LORA=0`` keeps the grouped ops
 alone (for comparison). ``add_lora_logits`` skips the LM-head delta when no loaded adapter has one
 (prompt log-probs in a batch of several adapters crashed the engine otherwise).
+
+On every platform it also installs activation steering (:mod:`big5engine.steering_hook`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from big5engine import sgmv
+from big5engine import sgmv, steering_hook
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +260,7 @@ def register() -> None:
     """vLLM general-plugin entry point: install the grouped ops on the CPU platform (idempotent)."""
     if not enabled():
         return
+    steering_hook.install()  # on every platform: steering is not a CPU fix
     try:
         from vllm.platforms import current_platform
 

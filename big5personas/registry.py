@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,14 +158,18 @@ def publish(
     train_loss: float | None = None,
     eval_loss: float | None = None,
     max_rank: int | None = None,
+    check: Callable[[Path, int | None], dict[str, Any]] | None = None,
 ) -> Adapter:
     """Check, hash and move a staged adapter into place, then add its ready row to ``session``.
+
+    ``check`` validates the staged folder and returns a config with its rank ``r`` (by default
+    :func:`check_adapter_folder`; a steering vector set passes its own, rank 0).
 
     Takes the name lock (:func:`lock_name`), which the caller's commit or rollback releases. If the
     transaction rolls back, the moved folder is unreferenced: remove it with :func:`discard` before
     the rollback, or leave it; the next publish of the name reuses that version and replaces it.
     """
-    config = check_adapter_folder(staged, max_rank)
+    config = (check or check_adapter_folder)(staged, max_rank)
     digest = sha256_tree(staged)
     fsio.fsync_tree(staged)  # the files, then their folder: durable before the rename makes them visible
     lock_name(session, name)

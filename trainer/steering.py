@@ -1,0 +1,209 @@
+"""Steering-vector extraction: per trait and layer, the mean residual stream of high replies minus low.
+
+For every training-side row of the data (the dialogue assessment's held-out scenarios are left out,
+:func:`big5core.dataset.heldout_split`), the base model reads the chat ``[user: Speaker X, assistant:
+Speaker Y]``; the activations after each decoder layer are averaged over the reply's tokens, then
+over the trait's high rows and its low rows, and the vector of layer ``l`` is the difference. Forward
+passes only, no training. The set is published to the registry (method ``steer``, layout ``vectors``)
+with its base model, shapes, norms, data hash and sha256, like an adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from big5core.dataset import HELDOUT_FRACTION, HELDOUT_SEED, Row, dataset_hash, heldout_split, load_filtered
+from big5core.traits import TRAITS, Level, Method, Trait
+from big5engine.steering import STEER_LAYOUT, check_vector_folder, write_vector_set
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LAYERS: tuple[int, ...] = (9,)
+"""Where a fresh set steers until calibration picks (``bench/steer_calibration.py``); SmolLM2-135M has 30."""
+DEFAULT_SCALE = 4.0
+"""The default intensity scale, in units of the high-low difference of means."""
+PROMPT_TOKENS = 48
+"""Speaker X's turn is cut to its last 48 tokens, the reply to its first 64: the means need the reply's
+wording, not all of it, and extraction stays within two minutes on 2 cores."""
+REPLY_TOKENS = 64
+ROWS_PER_ARM = 64
+DEPTH_FRACTION = 2 / 3
+"""Vectors are extracted for the first two thirds of the layers (steering works in the middle layers);
+the decoder above them is not run."""
+
+
+@dataclass(frozen=True)
+class Extraction:
+    vectors: dict[Trait, torch.Tensor]
+    meta: dict[str, Any]
+
+
+class _Enough(Exception):
+    """Raised by the last hooked layer: the layers above it are not needed."""
+
+
+def _encode(tokenizer: Any, row: Row) -> tuple[list[int], int]:
+    """The chat's token ids (prompt and reply each cut to their budget) and where the reply starts."""
+    x = tokenizer(row.speaker_x, add_special_tokens=False).input_ids[-PROMPT_TOKENS:]
+    y = tokenizer(row.speaker_y, add_special_tokens=False).input_ids[:REPLY_TOKENS]
+    prompt = [{"role": "user", "content": tokenizer.decode(x)}]
+    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": tokenizer.decode(y)}], tokenize=False)
+    ids = list(tokenizer(full, add_special_tokens=False).input_ids)
+    return ids, min(len(tokenizer(head, add_special_tokens=False).input_ids), len(ids) - 1)
+
+
+def _reply_means(model: Any, tokenizer: Any, rows: Sequence[Row], depth: int, batch_size: int) -> torch.Tensor:
+    """``[rows, depth, hidden]``: each row's residual stream after decoder layers ``0..depth-1``, averaged
+    over its reply's tokens. Runs the decoder only up to layer ``depth - 1`` (no LM head)."""
+    encoded = [_encode(tokenizer, row) for row in rows]
+    out = torch.zeros(len(rows), depth, int(model.config.hidden_size))
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+            if index == depth - 1:
+                raise _Enough
+
+        return hook
+
+    layers = model.model.layers
+    handles = [layers[i].register_forward_hook(capture(i)) for i in range(depth)]
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        with torch.inference_mode():
+            for at in range(0, len(order), batch_size):
+                chunk = order[at : at + batch_size]
+                width = max(len(encoded[i][0]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                reply = torch.zeros((len(chunk), width))
+                for j, i in enumerate(chunk):
+                    tokens, start = encoded[i]
+                    ids[j, : len(tokens)] = torch.tensor(tokens)
+                    mask[j, : len(tokens)] = 1
+                    reply[j, start : len(tokens)] = 1.0
+                captured.clear()
+                try:
+                    model.model(input_ids=ids, attention_mask=mask)
+                except _Enough:
+                    pass
+                stacked = torch.stack([captured[i] for i in range(depth)], dim=1).float()  # [b, depth, t, h]
+                weights = reply / reply.sum(dim=1, keepdim=True)
+                out[chunk] = torch.einsum("blth,bt->blh", stacked, weights)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def _balanced(rows: Sequence[Row], per_arm: int | None) -> list[Row]:
+    """At most ``per_arm`` rows of each trait-level (in the data's order), the others dropped."""
+    if per_arm is None:
+        return list(rows)
+    seen: dict[tuple[Trait, Level], int] = {}
+    kept = []
+    for row in rows:
+        key = (row.trait, row.level)
+        if seen.get(key, 0) < per_arm:
+            seen[key] = seen.get(key, 0) + 1
+            kept.append(row)
+    return kept
+
+
+def extract_vectors(
+    base_model_path: str,
+    rows: Sequence[Row],
+    *,
+    batch_size: int = 16,
+    rows_per_arm: int | None = ROWS_PER_ARM,
+    depth: int | None = None,
+) -> Extraction:
+    """The five traits' vectors from ``rows`` (already the training side), and their metadata.
+
+    ``rows_per_arm`` (None: all) bounds the rows of each trait-level; ``depth`` (default two thirds of
+    the layers) is how many decoder layers get a vector; the rows of the others stay zero."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32)
+    model.eval()
+    usable = _balanced([r for r in rows if r.speaker_x.strip() and r.speaker_y.strip()], rows_per_arm)
+    layers, hidden = int(model.config.num_hidden_layers), int(model.config.hidden_size)
+    depth = max(1, min(layers - 1, depth or round(layers * DEPTH_FRACTION)))
+    means = torch.zeros(len(usable), layers, hidden)
+    means[:, :depth] = _reply_means(model, tokenizer, usable, depth, batch_size)
+    vectors: dict[Trait, torch.Tensor] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for trait in TRAITS:
+        high = [i for i, r in enumerate(usable) if r.trait is trait and r.level is Level.HIGH]
+        low = [i for i, r in enumerate(usable) if r.trait is trait and r.level is Level.LOW]
+        if len(high) < 2 or len(low) < 2:
+            raise ValueError(f"{trait.value}: {len(high)} high and {len(low)} low rows; need at least 2 of each")
+        vectors[trait] = means[high].mean(dim=0) - means[low].mean(dim=0)
+        counts[trait.value] = {"high": len(high), "low": len(low)}
+    stream = means[:, :depth].norm(dim=2).mean(dim=0)  # the residual stream's mean norm after each layer
+    meta = {
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "layers": [min(layer, depth - 1) for layer in DEFAULT_LAYERS],
+        "depth": depth,
+        "scales": {t.value: DEFAULT_SCALE for t in TRAITS},
+        "calibrated": False,
+        "norms": {t.value: [round(float(v), 5) for v in vectors[t][:depth].norm(dim=1)] for t in TRAITS},
+        "stream_norms": [round(float(v), 5) for v in stream],
+        "rows": counts,
+        "data_hash": dataset_hash(usable),
+        "heldout": {"fraction": HELDOUT_FRACTION, "seed": HELDOUT_SEED, "excluded": True},
+        "tokens": {"prompt": PROMPT_TOKENS, "reply": REPLY_TOKENS},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return Extraction(vectors, meta)
+
+
+def training_rows(source: str | Path) -> list[Row]:
+    """The rows extraction may read: the filtered data's training side (held-out scenarios removed)."""
+    rows, _ = load_filtered(source)
+    return heldout_split(rows)[0]
+
+
+def publish_extraction(
+    session: Any, extraction: Extraction, adapters_dir: Path, *, name: str, base_model: str, source: str
+) -> Any:
+    """Write the set to a staging folder and publish it as a ready registry row; returns the row."""
+    import shutil
+    import tempfile
+
+    from big5personas import registry
+
+    staging = Path(tempfile.mkdtemp(prefix="steer-", dir=registry.staging_dir(adapters_dir)))
+    try:
+        write_vector_set(staging, extraction.vectors, {**extraction.meta, "base_model": base_model})
+        return registry.publish(
+            session,
+            staging,
+            adapters_dir,
+            name=name,
+            base_model=base_model,
+            method=Method.STEER.value,
+            layout=STEER_LAYOUT,
+            traits={},
+            hyperparams={
+                k: extraction.meta[k] for k in ("layers", "scales", "calibrated", "num_layers", "hidden_size")
+            }
+            | {"source": source},
+            dataset_hash=extraction.meta["data_hash"],
+            check=check_vector_folder,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
