@@ -20,7 +20,8 @@ def train_all(stack: Any, plan: dict[str, dict[str, Any]], times: dict[str, floa
     from big5personas import registry
     from trainer.worker import Worker, submit
 
-    worker = Worker(stack.settings)
+    database = stack.database  # the worker and the queue share the stack's: one process, one database
+    worker = Worker(stack.settings, db=database)
     for label, options in plan.items():
         spec = TrainSpec.model_validate({**COMMON_TRAINING, **options})
         with stack.sessions() as session:
@@ -39,7 +40,7 @@ def train_all(stack: Any, plan: dict[str, dict[str, Any]], times: dict[str, floa
             spec = spec.model_copy(update={"conditions": [f"{t.value}:{lv.value}" for t, lv in missing]})
         t0 = time.monotonic()
         typer.echo(f"[train] {label}: {len(missing)} adapter(s), {spec.max_steps} steps each")
-        job_id = submit(stack.settings, spec)
+        job_id = submit(stack.settings, spec, db=database)
         with _job_bar(stack, job_id, label):
             worker.run(max_jobs=1, exit_when_idle=True)
         with stack.sessions() as session:
