@@ -7,12 +7,13 @@ constants (:data:`DOSE_LEVELS`, :data:`MIXTURE_PAIRS`) to lay out their tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from big5core.generation import GREEDY, Decoding
 from big5core.traits import TRAITS, Level, Trait
 
 # FULL_TRAINING is what docs/RESULTS.md measured (bench/fidelity.py, 2026-12-01): one core per job,
@@ -241,7 +242,7 @@ def plan_assessments(
     return plan
 
 
-DECODING_OPTIONS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+DECODING_OPTIONS = tuple(f.name for f in fields(Decoding))
 """The decoding options a stored dialogue assessment must share with a planned one to be reused."""
 
 
@@ -261,14 +262,9 @@ def _same_options(options: dict[str, Any], request: Any, summary: dict[str, Any]
     return same and decoding and bool((summary or {}).get("quality"))
 
 
-_OLD_DEFAULTS = {
-    "top_p": 1.0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-}
-"""The decoding of dialogue assessments stored before these options were recorded (vLLM's neutral values)."""
+_OLD_DEFAULTS = {k: v for k, v in asdict(GREEDY).items() if k != "temperature"}
+"""The decoding of dialogue assessments stored before these options were recorded: greedy, vLLM's neutral
+values. Temperature is left out, as it always was: a stored assessment that does not record it is not reused."""
 
 
 def reference_path(reports: Path, items: int | None) -> Path:
