@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core import jobs
 from big5core.db import transaction
 from big5core.errors import Conflict, Invalid
+from big5core.heartbeat import beat_every
 from big5core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,11 @@ class LeaseHeartbeat(threading.Thread):
             logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.beat()
-            if self.ended is not None or self.expired:
-                return
+        beat_every(self._stop_event, self.interval, self._beat_while_held, f"job {self.job_id}")
+
+    def _beat_while_held(self) -> bool:
+        self.beat()
+        return self.ended is None and not self.expired
 
     def stop(self) -> None:
         self._stop_event.set()

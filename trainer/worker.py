@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -40,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core import jobs
 from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
 from big5core.db import Database, transaction
+from big5core.heartbeat import owner_id
 from big5core.migrate import open_database
 from big5core.models import TrainingJob
 from big5core.settings import Settings
@@ -69,7 +68,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.group = group  # the other ranks of an `accelerate launch`, led by this worker
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = owner or owner_id()
         check_lease_settings(settings)
         self._owned = db is None
         self.db = open_database(settings) if db is None else db
