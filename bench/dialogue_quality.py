@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=2, help="replies printed per adapter set and decoding")
     args = parser.parse_args()
 
-    from big5.quickstart import Planned, run_assessments
+    from big5.quickstart import run_assessments
+    from big5.quickstart_plan import Planned
     from big5core.settings import get_settings
     from big5personas.stack import build_stack
     from evaluator import store

@@ -58,9 +58,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="report what is stored; run nothing")
     args = parser.parse_args()
 
-    from big5.quickstart import FULL_TRAINING, QUICK_TRAINING, plan_assessments, run_assessments
-    from big5.quickstart import train_all as train_plan
+    from big5.quickstart import run_assessments
+    from big5.quickstart_plan import FULL_TRAINING, QUICK_TRAINING, plan_assessments, reference_path
     from big5.quickstart_report import dialogue_tables
+    from big5.quickstart_training import train_all as train_plan
     from big5core.settings import get_settings
     from big5personas.stack import build_stack
     from evaluator.judge import JudgeStore
@@ -82,8 +83,6 @@ def main() -> None:
     reports = settings.data_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        from big5.quickstart import reference_path
-
         run_assessments(
             stack,
             [p for p in planned.values() if p.assessment_id is None],
@@ -100,7 +99,6 @@ def main() -> None:
         report = to_dict(inventory, args.runs, direct, results, adapters)
         (reports / f"fidelity-{inventory}.json").write_text(json.dumps(report, indent=2))
         print(markdown(inventory, args.runs, direct, results, adapters))
-    from big5.quickstart import reference_path
     from big5.quickstart_report import (
         dialogue_replies,
         dialogue_scores,

@@ -3,15 +3,12 @@ judge gaps per method, the dose-response curves, the 2x2 mixtures beside the rea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
-from big5.quickstart import DOSE_LEVELS, MIXTURE_PAIRS
+from big5.quickstart_plan import DOSE_LEVELS, MIXTURE_PAIRS, Planned, reference_path
 from big5core.traits import TRAITS
-
-if TYPE_CHECKING:
-    from big5.quickstart import Planned
 
 
 def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], judge: Any, reports: Any) -> None:
@@ -42,8 +39,6 @@ def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], 
         path.write_bytes(dose_figure(dialogue["curves"]))
         typer.echo(f"figure: {path}")
     import json
-
-    from big5.quickstart import reference_path
 
     reference = load_reference(reference_path(reports, _items_of(plan)))
     quality = quality_tables(dialogue["json"], scores, replies, reference, questionnaires)

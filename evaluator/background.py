@@ -2,17 +2,15 @@
 
 A run is a row with a ``progress`` JSON that carries its runner's ``owner`` and ``heartbeat``. The runner
 starts each run as a task on the caller's event loop and tracks it by id; a heartbeat refreshes the
-row while it runs; a run whose heartbeat is older than :data:`STALE_AFTER` belongs to a process that
-stopped, and :meth:`BackgroundRunner._sweep` fails it; :meth:`BackgroundRunner.drain` cancels what runs
-here (service shutdown), each run then ending failed.
+row while it runs (the owner id and the beat loop are the training workers' too, :mod:`big5core.heartbeat`);
+a run whose heartbeat is older than :data:`STALE_AFTER` belongs to a process that stopped, and
+:meth:`BackgroundRunner._sweep` fails it; :meth:`BackgroundRunner.drain` cancels what runs here (service
+shutdown), each run then ending failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -21,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
+from big5core.heartbeat import owner_id
 
 STALE_AFTER = timedelta(minutes=10)
 HEARTBEAT_SECONDS = 30.0  # well inside STALE_AFTER, however long one run of an inventory takes
@@ -50,7 +49,7 @@ class BackgroundRunner:
     def __init__(self, sessions: sessionmaker[Session], heartbeat_seconds: float) -> None:
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = owner_id()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._by_id: dict[str, asyncio.Task[Any]] = {}  # runs of this runner in progress
 

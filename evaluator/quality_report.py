@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from evaluator import quality
-from evaluator.stats import bootstrap_ci
 
 REPETITION_MAX = 0.10
 SHARED_OPENING_MAX = 0.25
@@ -77,10 +76,10 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def summarise_group(title: str, cells: Mapping[str, Replies], real_relevance: float | None = None) -> QualityRow:
-    """One method's row over its conditions (``cells``: condition label -> replies)."""
-    reps = [float(q["repetition"]) for c in cells.values() for q in c.qualities]
-    rels = [float(q["relevance"]) for c in cells.values() for q in c.qualities if q.get("relevance") is not None]
-    logppl = [math.log(float(q["perplexity"])) for c in cells.values() for q in c.qualities if q.get("perplexity")]
+    """One method's row over its conditions (``cells``: condition label -> replies): the per-reply measures
+    of all its replies pooled (:func:`evaluator.quality.summarise`), and per condition the share of replies
+    with a shared opening (the worst condition's) and distinct-2 (the mean over conditions)."""
+    pooled = quality.summarise([q for c in cells.values() for q in c.qualities], [])
     worst: tuple[float, str | None, str | None] = (-1.0, None, None)
     distinct: list[float] = []
     for label, c in cells.items():
@@ -90,20 +89,21 @@ def summarise_group(title: str, cells: Mapping[str, Replies], real_relevance: fl
         d2 = quality.distinct_n(c.texts, 2)
         if d2 is not None:
             distinct.append(d2)
-    relevance = _mean(rels)
+    repetition, relevance = pooled["repetition"], pooled["relevance"]["mean"]
+    ci = repetition["ci95"]
     return QualityRow(
         title=title,
         n_conditions=len(cells),
-        n_replies=len(reps),
-        repetition=_mean(reps),
-        repetition_ci=bootstrap_ci(reps) if reps else None,
+        n_replies=pooled["n"],
+        repetition=repetition["mean"],
+        repetition_ci=(ci[0], ci[1]) if ci else None,
         worst_opening=worst[0] if worst[1] is not None else None,
         worst_opening_text=worst[1],
         worst_opening_cell=worst[2],
         distinct_2=_mean(distinct),
         relevance=relevance,
         relevance_ratio=relevance / real_relevance if relevance is not None and real_relevance else None,
-        perplexity=math.exp(float(np.mean(logppl))) if logppl else None,
+        perplexity=pooled["perplexity"]["mean"],
     )
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.backoff import backoff_delays
 from big5core.db import transaction
+from big5core.heartbeat import keep_beating
 from big5core.models import Assessment, AssessmentState
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
@@ -251,14 +252,7 @@ class AssessmentRunner(BackgroundRunner):
         self, assessment_id: str, stop: asyncio.Event, write: Callable[[dict[str, Any]], Awaitable[None]]
     ) -> None:
         """Refresh the heartbeat while a run is in progress, so no sweep takes it for a dead one."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.heartbeat_seconds)
-            except TimeoutError:
-                try:
-                    await write({})
-                except Exception:  # the database may be away for a moment; the next beat retries
-                    logger.warning("heartbeat of assessment %s failed", assessment_id, exc_info=True)
+        await keep_beating(stop, self.heartbeat_seconds, lambda: write({}), f"assessment {assessment_id}")
 
     def _mark_failed(self, assessment_id: str, error: str) -> None:
         self._in_transaction(store.fail, assessment_id, error)

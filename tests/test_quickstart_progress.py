@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5.quickstart import _job_bar
+from big5.quickstart_training import _job_bar
 from big5core import jobs, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.settings import Settings

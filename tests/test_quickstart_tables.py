@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from big5.quickstart import MIXTURE_PAIRS
+from big5.quickstart_plan import MIXTURE_PAIRS
 from big5.quickstart_report import dialogue_tables
 from big5core.traits import TRAITS
 from evaluator.judge import JudgeCard, TraitMetrics

@@ -68,3 +68,22 @@ def marker_callback() -> Any:
                 mark_complete(checkpoint, int(state.global_step))
 
     return _MarkComplete()
+
+
+ATTEMPT_PREFIX = "attempt-"
+"""Each attempt of a job writes its checkpoints to ``checkpoints/<job>/attempt-<n>/<adapter>``."""
+
+
+def resume_point(job_checkpoints: Path, adapter: str, attempt: int) -> Path | None:
+    """The newest complete checkpoint of ``adapter`` written by an attempt before ``attempt``.
+
+    Complete: its marker was written (:mod:`trainer.checkpoints`); a newer checkpoint cut short is
+    skipped for the one before it. The most recent attempt that got as far as a complete checkpoint
+    wins (the step counts of earlier attempts can only be lower or equal, since each resumed from
+    its predecessor).
+    """
+    for number in range(attempt - 1, 0, -1):
+        newest = newest_complete(job_checkpoints / f"{ATTEMPT_PREFIX}{number}" / adapter)
+        if newest is not None:
+            return newest
+    return None

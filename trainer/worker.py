@@ -9,8 +9,8 @@ Each attempt writes its checkpoints to a folder of its own, ``checkpoints/<job>/
 (recorded in the job's ``checkpoint_dir``), and resumes explicitly from the newest complete
 checkpoint of the attempts before it (recorded in the job's progress as ``resumed_from``; a
 checkpoint is complete once its marker is written, :mod:`trainer.checkpoints`). The heartbeat
-thread notices a lost lease or a cancel; training then stops at the end of the current step, and
-nothing is published. A worker that cannot renew its lease at all (database down, network cut)
+thread (:mod:`trainer.lease`) notices a lost lease or a cancel; training then stops at the end of the
+current step, and nothing is published. A worker that cannot renew its lease at all (database down, network cut)
 stops the same way on its own clock, before the lease can expire: once no renewal has succeeded
 for ``(lease_seconds + heartbeat_seconds) / 2`` seconds. So a worker cut off from the database never
 trains on, or writes checkpoints, while a new owner resumes from them; and on any failure a
@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
-import socket
 import sys
-import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,156 +38,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from big5core import jobs
 from big5core.datagen import DATAGEN_KIND, DatagenError, TraitScorer
 from big5core.db import Database, transaction
-from big5core.errors import Conflict, Invalid
+from big5core.heartbeat import owner_id
 from big5core.migrate import open_database
 from big5core.models import TrainingJob
 from big5core.settings import Settings
 from big5core.training import TrainSpec
 from big5engine.modelstore import base_model_id, resolve_base_model
 from big5personas import registry
-from trainer import checkpoints
+from trainer.checkpoints import ATTEMPT_PREFIX, resume_point
 from trainer.dataset import DatasetError
+from trainer.lease import JobCancelled, LeaseHeartbeat, LeaseLost, check_lease_settings
 from trainer.liveness import Liveness
 from trainer.ranks import Order, RankGroup, RanksOutOfStep
 
 logger = logging.getLogger(__name__)
-
-
-class LeaseLost(Conflict, RuntimeError):
-    """Another worker holds the job now (this worker's lease expired)."""
-
-    code, title = "lease-lost", "The job's lease was lost"
-
-
-class JobCancelled(Conflict, RuntimeError):
-    """The job was cancelled while this worker ran it."""
-
-    code, title = "training-job-cancelled", "The training job was cancelled"
-
-
-class LeaseSettingsInvalid(Invalid):
-    """The heartbeat would not renew the lease before it expires."""
-
-    code, title = "lease-settings-invalid", "The heartbeat interval must be shorter than the lease"
-
-
-ATTEMPT_PREFIX = "attempt-"
-
-
-def check_lease_settings(settings: Settings) -> None:
-    """Refuse a heartbeat interval at or above the lease: every lease would expire between renewals."""
-    lease, interval = settings.trainer.lease_seconds, settings.trainer.heartbeat_seconds
-    if interval >= lease:
-        raise LeaseSettingsInvalid(
-            f"BIG5_TRAINER__HEARTBEAT_SECONDS ({interval}) must be below BIG5_TRAINER__LEASE_SECONDS ({lease}): "
-            "the lease would expire before it is renewed and another worker would take the job over mid-training "
-            "(a third of the lease or less is a good heartbeat)"
-        )
-
-
-class _Heartbeat(threading.Thread):
-    """Renews the job's lease and writes the latest progress while training runs.
-
-    It also keeps the worker's own view of the lease: ``leased_at`` is when (on this machine's
-    monotonic clock) the last successful renewal was sent, and the database cannot let the lease
-    expire before ``leased_at + lease``. Once ``(lease + interval) / 2`` has passed without a
-    successful renewal, :meth:`stop_reason` says stop, whether or not the thread itself is stuck in
-    a database call: half of the slack the heartbeat leaves is kept for the current step to end.
-    """
-
-    def __init__(
-        self,
-        sessions: sessionmaker[Session],
-        job_id: str,
-        owner: str,
-        settings: Settings,
-        leased_at: float | None = None,
-    ) -> None:
-        super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
-        self.sessions = sessions
-        self.job_id = job_id
-        self.owner = owner
-        self.lease = settings.trainer.lease_seconds
-        self.interval = settings.trainer.heartbeat_seconds
-        self.unrenewed_limit = (self.lease + self.interval) / 2
-        self.leased_at = time.monotonic() if leased_at is None else leased_at
-        self.progress: dict[str, Any] = {}
-        self.ended: jobs.LeaseState | None = None  # LOST or CANCELLED, once a renewal failed
-        self.expired = False  # no renewal succeeded in time: this worker gave the lease up on its own
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self.on_renewed: Callable[[], None] | None = None  # the worker's liveness file (trainer.liveness)
-
-    def _unrenewed(self) -> bool:
-        if not self.expired and time.monotonic() - self.leased_at > self.unrenewed_limit:
-            self.expired = True
-            self._stop_event.set()  # renew no more: training stops and another worker may take over
-            logger.warning(
-                "Job %s: the lease was not renewed for %.0f s (it expires after %d s); stopping before another "
-                "worker takes the job over (step %s)",
-                self.job_id, time.monotonic() - self.leased_at, self.lease, self.snapshot().get("step"),
-            )  # fmt: skip
-        return self.expired
-
-    @property
-    def lost(self) -> bool:
-        return self.ended is not None or self._unrenewed()
-
-    def stop_reason(self) -> str | None:
-        """Why training must stop now (read by the trainer callback after every step), or None."""
-        if self.ended is jobs.LeaseState.CANCELLED:
-            return f"job {self.job_id} was cancelled"
-        if self.ended is not None:
-            return f"the lease on job {self.job_id} was lost"
-        if self._unrenewed():
-            return f"the lease on job {self.job_id} could not be renewed for {self.unrenewed_limit:g} s"
-        return None
-
-    def check(self) -> None:
-        """Raise JobCancelled or LeaseLost if a renewal found the job gone, or none succeeded in time."""
-        if self.ended is jobs.LeaseState.CANCELLED:
-            raise JobCancelled(self.job_id)
-        if self.ended is not None or self._unrenewed():
-            raise LeaseLost(self.stop_reason() or self.job_id)
-
-    def update(self, info: dict[str, Any]) -> None:
-        with self._lock:
-            self.progress = {**self.progress, **info}
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self.progress)
-
-    def beat(self) -> None:
-        if self._unrenewed():
-            return
-        with self._lock:
-            progress = dict(self.progress)
-        sent = time.monotonic()  # before the UPDATE: the database's expiry is later than sent + lease
-        try:
-            with transaction(self.sessions) as session:
-                if jobs.heartbeat(session, self.job_id, self.owner, self.lease, progress):
-                    self.leased_at = sent
-                    if self.on_renewed is not None:
-                        self.on_renewed()
-                else:
-                    state = jobs.lease_state(session, self.job_id, self.owner)
-                    if state is not jobs.LeaseState.HELD and self.ended is None:
-                        self.ended = state
-                        logger.warning(
-                            "Job %s: %s (noticed at step %s)", self.job_id, self.stop_reason(), progress.get("step")
-                        )
-        except Exception:  # a database blip must not kill training; the lease covers it
-            logger.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.beat()
-            if self.ended is not None or self.expired:
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
 
 
 class Worker:
@@ -208,7 +68,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.group = group  # the other ranks of an `accelerate launch`, led by this worker
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = owner or owner_id()
         check_lease_settings(settings)
         self._owned = db is None
         self.db = open_database(settings) if db is None else db
@@ -293,7 +153,7 @@ class Worker:
         logger.info("Job %s: attempt %d by %s", job_id, attempt, self.owner)
         self._remove_staging_of(job_id, before_attempt=attempt)
         attempt_dir = self._job_checkpoints(job_id) / f"{ATTEMPT_PREFIX}{attempt}"
-        beat = _Heartbeat(self.sessions, job_id, self.owner, self.settings, leased_at)
+        beat = LeaseHeartbeat(self.sessions, job_id, self.owner, self.settings, leased_at)
         if self.liveness is not None:
             beat.on_renewed = functools.partial(self.liveness.touch, job_id)
         beat.update({"attempt": attempt, "phase": "loading data", "checkpoint_dir": str(attempt_dir)})
@@ -354,7 +214,13 @@ class Worker:
         return adapter
 
     def _train_all(
-        self, job_id: str, spec: TrainSpec, result: dict[str, Any], beat: _Heartbeat, attempt: int, attempt_dir: Path
+        self,
+        job_id: str,
+        spec: TrainSpec,
+        result: dict[str, Any],
+        beat: LeaseHeartbeat,
+        attempt: int,
+        attempt_dir: Path,
     ) -> str:
         from trainer.train import load_dataset_rows, prepare, train_adapter
 
@@ -524,21 +390,6 @@ class Worker:
             if before_attempt is not None and number >= before_attempt:
                 continue
             shutil.rmtree(path, ignore_errors=True)
-
-
-def resume_point(job_checkpoints: Path, adapter: str, attempt: int) -> Path | None:
-    """The newest complete checkpoint of ``adapter`` written by an attempt before ``attempt``.
-
-    Complete: its marker was written (:mod:`trainer.checkpoints`); a newer checkpoint cut short is
-    skipped for the one before it. The most recent attempt that got as far as a complete checkpoint
-    wins (the step counts of earlier attempts can only be lower or equal, since each resumed from
-    its predecessor).
-    """
-    for number in range(attempt - 1, 0, -1):
-        newest = checkpoints.newest_complete(job_checkpoints / f"{ATTEMPT_PREFIX}{number}" / adapter)
-        if newest is not None:
-            return newest
-    return None
 
 
 def submit(settings: Settings, spec: TrainSpec, *, db: Database | None = None) -> str:

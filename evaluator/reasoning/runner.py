@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from big5core.db import transaction
+from big5core.heartbeat import keep_beating
 from big5core.models import ReasoningRun, ReasoningState
 from big5core.settings import ReasoningSettings
 from big5engine.engine import PersonaEngine
@@ -260,22 +261,19 @@ class ReasoningRunner(BackgroundRunner):
         self, run_id: str, progress: dict[str, Any], stop: asyncio.Event, run: asyncio.Task[Any]
     ) -> None:
         """Refresh the heartbeat; stop the run (cancel ``run``) once its row is no longer running."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.heartbeat_seconds)
-            except TimeoutError:
-                with self._progress_lock:
-                    beat = self._beat(progress)
-                try:
-                    await asyncio.to_thread(self._in_transaction, store.set_progress, run_id, beat)
-                    state = await asyncio.to_thread(self._state, run_id)
-                except Exception:
-                    logger.warning("heartbeat of reasoning run %s failed", run_id, exc_info=True)
-                    continue
-                if state != ReasoningState.RUNNING:
-                    logger.info("Reasoning run %s is %s (cancelled elsewhere): stopping it", run_id, state)
-                    run.cancel()
-                    return
+
+        async def beat() -> bool:
+            with self._progress_lock:
+                info = self._beat(progress)
+            await asyncio.to_thread(self._in_transaction, store.set_progress, run_id, info)
+            state = await asyncio.to_thread(self._state, run_id)
+            if state != ReasoningState.RUNNING:
+                logger.info("Reasoning run %s is %s (cancelled elsewhere): stopping it", run_id, state)
+                run.cancel()
+                return False
+            return True
+
+        await keep_beating(stop, self.heartbeat_seconds, beat, f"reasoning run {run_id}")
 
     def _state(self, run_id: str) -> str | None:
         with self.sessions() as session:

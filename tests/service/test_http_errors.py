@@ -190,11 +190,11 @@ def _domain_error_classes() -> list[type[BaseException]]:
     import big5personas.spec
     import evaluator.inventories
     import evaluator.store
-    import trainer.worker
+    import trainer.lease
 
     modules = [big5engine.compose, big5engine.errors, big5core.jobs, big5engine.modelstore, big5personas.resolver]
     modules += [big5personas.spec, big5engine.option_tokens, big5personas.registry, evaluator.inventories]
-    modules += [evaluator.store, trainer.worker]
+    modules += [evaluator.store, trainer.lease]
     return [
         value
         for module in modules

@@ -34,7 +34,9 @@ from big5personas import registry
 from tests.conftest import PG_ADMIN_URL
 from tests.model_support import make_tiny_llama
 from trainer import checkpoints
-from trainer.worker import LeaseLost, LeaseSettingsInvalid, Worker, _Heartbeat, resume_point, submit
+from trainer.checkpoints import resume_point
+from trainer.lease import LeaseHeartbeat, LeaseLost, LeaseSettingsInvalid
+from trainer.worker import Worker, submit
 
 WAIT = 600.0  # generous: the CPU is shared
 
@@ -230,7 +232,7 @@ def test_worker_that_cannot_renew_its_lease_stops_before_it_expires(own_db: str,
     with transaction(sessions) as session:
         assert jobs.claim_next(session, "w1", lease, job_id) is not None
     worker_engine = make_engine(role_url)
-    beat = _Heartbeat(session_factory(worker_engine), job_id, "w1", cfg, leased_at)
+    beat = LeaseHeartbeat(session_factory(worker_engine), job_id, "w1", cfg, leased_at)
     beat.start()
     cut = Cut(role)
     try:

@@ -20,8 +20,9 @@ from big5core.db import transaction
 from big5core.models import TrainingJob
 from big5core.settings import Settings, TrainerSettings
 from big5core.training import TrainSpec
+from trainer.lease import LeaseHeartbeat
 from trainer.liveness import Liveness, check
-from trainer.worker import Worker, _Heartbeat
+from trainer.worker import Worker
 
 
 @pytest.fixture()
@@ -68,11 +69,11 @@ def test_worker_rewrites_the_file_when_it_polls_and_when_it_renews_a_lease(own_d
         other = jobs.create_job(session, TrainSpec(max_steps=1)).id
     with transaction(worker.sessions) as session:
         assert jobs.claim_next(session, "another-worker", 60, other) is not None
-    beat = _Heartbeat(worker.sessions, other, worker.owner, settings)
+    beat = LeaseHeartbeat(worker.sessions, other, worker.owner, settings)
     beat.on_renewed = lambda: worker.liveness.touch(other)  # type: ignore[union-attr]
     beat.beat()
     assert not path.exists() and beat.lost
-    mine = _Heartbeat(worker.sessions, other, "another-worker", settings)
+    mine = LeaseHeartbeat(worker.sessions, other, "another-worker", settings)
     mine.on_renewed = lambda: worker.liveness.touch(other)  # type: ignore[union-attr]
     mine.beat()
     assert _record(path)["job"] == other
