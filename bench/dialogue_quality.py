@@ -9,8 +9,9 @@ scenarios) and perplexity. Each pair's rows are appended to ``--out`` (JSON line
 
 Adapter sets name registry adapters already trained (``big5 train`` or the quickstart):
 ``per-trait:PREFIX`` (adapters ``PREFIX-<trait>-<level>``, e.g. ``per-trait:sft``),
-``unified:NAME`` (one adapter, e.g. ``unified:dpo-unified``), ``prompt`` (Prompt-Inst) or
-``direct``. Decodings are ``NAME=key:value,...`` over evaluator.schemas.AssessRequest's decoding
+``unified:NAME`` (one adapter, e.g. ``unified:dpo-unified``), ``steer`` or ``steer:NAME@V``
+(activation steering with the newest or a given vector set), ``prompt`` (Prompt-Inst) or ``direct``.
+Decodings are ``NAME=key:value,...`` over evaluator.schemas.AssessRequest's decoding
 fields (temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty).
 
     BIG5_DATA_DIR=/work/qs/base python bench/dialogue_quality.py --items 12 --bfi \\
@@ -51,6 +52,9 @@ def personas(kind: str) -> dict[str, dict[str, Any]]:
             key = f"{trait.value}|{level.value}"
             if kind == "prompt":
                 out[key] = {"method": "prompt", "traits": {trait.value: level.value}}
+            elif kind == "steer" or kind.startswith("steer:"):
+                ref = kind.partition(":")[2] or None  # a vector set name@version, or the newest
+                out[key] = {"method": "steer", "traits": {trait.value: level.value}, "adapter": ref}
             elif kind.startswith("per-trait:"):
                 prefix = kind.split(":", 1)[1]
                 method = "dpo" if prefix.startswith("dpo") else "sft"
@@ -64,7 +68,8 @@ def personas(kind: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the bench; returns the rows it appended to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", required=True, help="LABEL=per-trait:PREFIX|unified:NAME|prompt")
     parser.add_argument("--decoding", action="append", required=True, help="NAME=key:value,...")
@@ -74,7 +79,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (default reports/dialogue-quality.jsonl)")
     parser.add_argument("--show", type=int, default=2, help="replies printed per adapter set and decoding")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from big5.quickstart import run_assessments
     from big5.quickstart_plan import Planned
@@ -121,6 +126,7 @@ def main() -> None:
     reference = load_reference(reference_file)
     real = method_quality({}, [], reference)[0] if reference else None  # the real replies' row, once
     rows = [] if real is None else [real]
+    records: list[dict[str, Any]] = []
     with stack.sessions() as session:
         coverage: dict[str, dict[str, float]] = {}
         for (set_label, dec_label, cond), p in planned.items():
@@ -149,6 +155,7 @@ def main() -> None:
                     row.relevance_ratio = row.relevance / real.relevance
                 rows.append(row)
                 record = {"set": set_label, "decoding": dec_label, "gaps": gaps, **row.to_dict()}
+                records.append(record)
                 with out.open("a") as f:
                     f.write(json.dumps({"date": str(dt.date.today()), **record, **decodings[dec_label]}) + "\n")
                 for cond, rep in list(replies.items())[: args.show]:
@@ -162,6 +169,7 @@ def main() -> None:
     print("\n```\n" + format_rows(rows) + "\n```")
     print(f"dialogue quality bench finished in {time.monotonic() - started:.0f} s; rows appended to {out}")
     stack.close()
+    return records
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Throughput (completion tokens per second of wall time, N prompts sent at once, g
   (b) one adapter for every request,
   (c) --personas different adapters mixed in one batch (one per-trait adapter per trait pole),
   (d) the same as (a) and (c) through the HTTP service (httpx -> uvicorn in this process),
+  (e) one activation-steered persona (a random vector set at layer 9: big5engine/steering_hook.py),
+  (f) steered, adapter and base requests mixed in one batch,
 and the time to first token of /v1/generate (streaming) for a trait vector never seen before, which
 includes composing its adapter, loading it into the engine and prefill. The adapters are random
 (rank 8, all seven projections): speed does not depend on what they learnt.
@@ -89,6 +91,29 @@ def write_random_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -
     return out
 
 
+def publish_random_vectors(stack: Any, settings: Any, model_dir: Path) -> None:
+    """A random steering vector set for the base model (norm 8 per layer; speed does not depend on it)."""
+    import torch
+
+    from big5core.db import transaction
+    from big5core.traits import TRAITS
+    from big5engine.steering import STEER_LAYOUT, check_vector_folder, model_shape, write_vector_set
+    from big5personas import registry
+
+    config = json.loads((model_dir / "config.json").read_text())
+    layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
+    generator = torch.Generator().manual_seed(7)
+    vectors = {t: torch.nn.functional.normalize(torch.randn(layers, hidden, generator=generator), dim=1) * 8
+               for t in TRAITS}  # fmt: skip
+    meta = {"model": model_shape(config), "num_layers": layers, "hidden_size": hidden, "layers": [9],
+            "scales": {t.value: 1.0 for t in TRAITS}, "depth": layers}  # fmt: skip
+    staged = registry.staging_dir(settings.adapters_dir)
+    write_vector_set(staged, vectors, meta)
+    with transaction(stack.sessions) as session:
+        registry.publish(session, staged, settings.adapters_dir, name="bench-vectors", base_model=stack.base_model_id,
+                         method="steer", layout=STEER_LAYOUT, traits={}, check=check_vector_folder)  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -144,6 +169,7 @@ def main() -> None:
             )  # fmt: skip
             refs[(trait, level)] = row.ref
 
+    publish_random_vectors(stack, settings, model_dir)
     engine = stack.make_engine()
     began = time.perf_counter()
     engine.start()
@@ -153,10 +179,11 @@ def main() -> None:
     poles = POLES[: args.personas]
     pole_traits = [{trait: 1.0 if level == "high" else -1.0} for trait, level in poles]
 
-    async def handles_for(traits_list: list[dict[str, float]]) -> list[Any]:
+    async def handles_for(traits_list: list[dict[str, float]], method: str = "sft") -> list[Any]:
         out = []
         for traits in traits_list:
-            persona = await asyncio.to_thread(stack.resolver.resolve, PersonaSpec(traits=traits))
+            spec = PersonaSpec.model_validate({"method": method, "traits": traits})
+            persona = await asyncio.to_thread(stack.resolver.resolve, spec)
             assert persona.adapter_name and persona.adapter_path
             out.append(await engine.register_lora(persona.adapter_name, persona.adapter_path))
         return out
@@ -176,10 +203,13 @@ def main() -> None:
     async def engine_rows() -> list[Row]:
         one = await handles_for([pole_traits[0]])
         mixed = await handles_for(pole_traits)
+        steered = await handles_for([{"extraversion": 0.5}], method="steer")
         modes = [
             ("(a) base (direct), engine", [None]),
             ("(b) one adapter, engine", one),
             (f"(c) {len(mixed)} personas mixed, engine", mixed),
+            ("(e) one steered persona, engine", steered),
+            ("(f) steered + adapter + base mixed, engine", [steered[0], one[0], None]),
         ]
         for _, loras in modes:  # warm-up: every adapter in a slot, every batch shape seen once
             await asyncio.gather(*(engine.generate(p, SamplingOptions(max_tokens=4), lora=loras[i % len(loras)])

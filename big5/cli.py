@@ -110,7 +110,14 @@ def db_current() -> None:
 
 def _register_edges() -> None:
     """Add the edge packages' command groups (each module imports its heavy deps lazily)."""
-    edges = ("trainer.cli", "trainer.jobs_cli", "service.cli", "evaluator.cli", "evaluator.reasoning.cli")
+    edges = (
+        "trainer.cli",
+        "trainer.jobs_cli",
+        "trainer.steering_cli",
+        "service.cli",
+        "evaluator.cli",
+        "evaluator.reasoning.cli",
+    )
     for module_name in (*edges, "big5.quickstart"):
         try:
             module = __import__(module_name, fromlist=["register"])

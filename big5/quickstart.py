@@ -2,8 +2,9 @@
 
 Stages, each timed: provision the bundled model; build the trait judge (per trait, P(high | reply),
 trained on the bundled real BIG5-CHAT replies); train the adapters on the bundled real data (SFT
-per-trait, SFT unified, DPO); start the engine; assess Direct, Prompt-Inst, Prompt-Demo, SFT and
-DPO for the 10 trait-level conditions on the questionnaires (log-prob scoring) and in dialogue
+per-trait, SFT unified, DPO); extract the activation-steering vectors (forward passes, no training);
+start the engine; assess Direct, Prompt-Inst, Prompt-Demo, Steer, SFT and DPO for the 10 trait-level
+conditions on the questionnaires (log-prob scoring) and in dialogue
 (held-out Speaker X turns, replies scored by the judge), plus a dose-response over requested trait
 values and 2x2 mixtures of two traits; print the tables with the judge's own accuracy and the
 real replies' gap beside as the ceiling. A rerun reuses whatever is already trained and assessed.
@@ -37,7 +38,7 @@ from big5.quickstart_plan import (
     request_signature,
 )
 from big5.quickstart_report import print_reports
-from big5.quickstart_training import train_all
+from big5.quickstart_training import ensure_vectors, train_all
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def quickstart(
         list[str] | None, typer.Option(help="questionnaires (default bfi44; --full adds ipip_neo_120)")
     ] = None,
     methods: Annotated[
-        list[str] | None, typer.Option(help="methods to assess (default direct prompt demo sft dpo)")
+        list[str] | None, typer.Option(help="methods to assess (default direct prompt demo steer sft dpo)")
     ] = None,
     skip_training: Annotated[bool, typer.Option(help="assess only what is already trained")] = False,
     full: Annotated[bool, typer.Option(help="train longer and ask every held-out turn (the bench's plan)")] = False,
@@ -94,7 +95,7 @@ def quickstart(
     started = time.monotonic()
     settings = get_settings()
     inventories = inventory or (["ipip_neo_120", "bfi44"] if full else ["bfi44"])
-    wanted = methods or ["direct", "prompt", "demo", "sft", "dpo"]
+    wanted = methods or ["direct", "prompt", "demo", "steer", "sft", "dpo"]
     plan = FULL_TRAINING if full else QUICK_TRAINING
     items = dialogue_items if dialogue_items is not None else (None if full else 12)
     reply_tokens = reply_tokens or (64 if full else 48)
@@ -112,6 +113,9 @@ def quickstart(
     if not skip_training:
         with stages.stage("training"):
             train_all(stack, {k: v for k, v in plan.items() if v["method"] in wanted}, stages.times)
+    if "steer" in wanted:
+        with stages.stage("steering vectors"):
+            ensure_vectors(stack)
     try:
         reports = settings.data_dir / "reports"
         reports.mkdir(parents=True, exist_ok=True)

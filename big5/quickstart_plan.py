@@ -139,6 +139,8 @@ def method_personas(stack: Any, methods: list[str]) -> dict[str, dict[str, Any]]
                 out[f"prompt|{trait.value}|{level.value}"] = {"method": "prompt", "traits": condition}
             if "demo" in methods:
                 out[f"demo|{trait.value}|{level.value}"] = {"method": "demo", "traits": condition}
+            if "steer" in methods:
+                out[f"steer|{trait.value}|{level.value}"] = {"method": "steer", "traits": condition}
             for method in ("sft", "dpo"):
                 if method not in methods:
                     continue
@@ -180,11 +182,21 @@ def dialogue_personas(stack: Any, methods: list[str]) -> dict[str, dict[str, Any
                         "method": "sft",
                         "traits": {a.value: float(sa), b.value: float(sb)},
                     }
-    if "prompt" in methods:
+    for method in ("prompt", "steer"):  # the training-free methods: any value, any mixture
+        if method not in methods:
+            continue
         for trait in TRAITS:
             for value in DOSE_LEVELS:
-                persona = {"method": "direct"} if value == 0.0 else {"method": "prompt", "traits": {trait.value: value}}
-                out[f"dose-prompt|{trait.value}|{value:+.1f}"] = persona
+                persona = {"method": "direct"} if value == 0.0 else {"method": method, "traits": {trait.value: value}}
+                out[f"dose-{method}|{trait.value}|{value:+.1f}"] = persona
+    if "steer" in methods:
+        for a, b in MIXTURE_PAIRS:
+            for sa in (1, -1):
+                for sb in (1, -1):
+                    out[f"mix-steer|{a.value}:{sa:+d}|{b.value}:{sb:+d}"] = {
+                        "method": "steer",
+                        "traits": {a.value: float(sa), b.value: float(sb)},
+                    }
     return out
 
 

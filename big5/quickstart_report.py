@@ -3,6 +3,7 @@ judge gaps per method, the dose-response curves, the 2x2 mixtures beside the rea
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import typer
@@ -34,9 +35,10 @@ def print_reports(stack: Any, plan: dict[str, Planned], inventories: list[str], 
     dialogue = dialogue_tables(scores, judge)
     typer.echo("")
     typer.echo(dialogue["text"])
-    if dialogue["curves"]:
-        path = reports / "quickstart-dose-response.png"
-        path.write_bytes(dose_figure(dialogue["curves"]))
+    for family, curves in dialogue["curves"].items():
+        suffix, title = ("", "composed per-trait adapters") if family == "dose-sft" else ("-steer", "steering")
+        path = reports / f"quickstart-dose-response{suffix}.png"
+        path.write_bytes(dose_figure(curves, title=f"Dialogue dose-response ({title})"))
         typer.echo(f"figure: {path}")
     import json
 
@@ -160,6 +162,7 @@ def dialogue_scores(session: Any, plan: dict[str, Planned]) -> dict[str, dict[st
 METHOD_ROWS: tuple[tuple[str, str], ...] = (
     ("prompt", "Prompt-Inst"),
     ("demo", "Prompt-Demo"),
+    ("steer", "Steer"),
     ("sft-unified", "SFT (unified)"),
     ("sft-per-trait", "SFT (per-trait)"),
     ("dpo-unified", "DPO (unified)"),
@@ -205,8 +208,12 @@ def dialogue_tables(scores: dict[str, dict[str, dict[str, float]]], judge: Any) 
         + "".join(f"{_f(card[t.value].heldout_accuracy) if t.value in card else '-':>30}" for t in TRAITS)
     )
     lines.append(f"judge {judge.card.name} sha256 {judge.card.sha256[:12]}; held-out real replies of unseen scenarios")
-    curves = []
-    for family, title in (("dose-sft", "composed SFT per-trait adapters"), ("dose-prompt", "Prompt-Inst wording")):
+    curves: dict[str, list[Any]] = {}
+    for family, title in (
+        ("dose-sft", "composed SFT per-trait adapters"),
+        ("dose-prompt", "Prompt-Inst wording"),
+        ("dose-steer", "activation steering"),
+    ):
         rows = []
         for trait in TRAITS:
             by_level = {
@@ -218,8 +225,8 @@ def dialogue_tables(scores: dict[str, dict[str, dict[str, float]]], judge: Any) 
                 continue
             curve = dose_response(trait.value, by_level)
             data["dose"].setdefault(family, {})[trait.value] = curve.to_dict()
-            if family == "dose-sft":
-                curves.append(curve)
+            if family in ("dose-sft", "dose-steer"):
+                curves.setdefault(family, []).append(curve)
             rows.append(
                 f"{trait.value:<18}"
                 + "".join(f"{_f(m):>8}" for m in curve.means)
@@ -231,12 +238,14 @@ def dialogue_tables(scores: dict[str, dict[str, dict[str, float]]], judge: Any) 
                 f"{'trait':<18}" + "".join(f"{v:>+8.1f}" for v in DOSE_LEVELS) + f"{'rho lvl':>10}{'rho item':>10}"
             )
             lines += rows
-    for a, b in MIXTURE_PAIRS:
+    for (family, family_title), (a, b) in itertools.product(
+        (("mix-sft", "composed SFT"), ("mix-steer", "steering")), MIXTURE_PAIRS
+    ):
         cells = {
-            (sa, sb): scores[f"mix-sft|{a.value}:{sa:+d}|{b.value}:{sb:+d}"]
+            (sa, sb): scores[f"{family}|{a.value}:{sa:+d}|{b.value}:{sb:+d}"]
             for sa in (1, -1)
             for sb in (1, -1)
-            if f"mix-sft|{a.value}:{sa:+d}|{b.value}:{sb:+d}" in scores
+            if f"{family}|{a.value}:{sa:+d}|{b.value}:{sb:+d}" in scores
         }
         if len(cells) < 4:
             continue
@@ -245,10 +254,10 @@ def dialogue_tables(scores: dict[str, dict[str, dict[str, float]]], judge: Any) 
             f"{x.value}->{y.value}": card[x.value].heldout_cross.get(y.value) if x.value in card else None
             for x, y in ((a, b), (b, a))
         }
-        data["mixtures"].append({**mix.to_dict(), "real_cross": real})
+        data["mixtures"].append({**mix.to_dict(), "real_cross": real, "method": family.removeprefix("mix-")})
         lines += [
             "",
-            f"2x2 mixture {a.value} x {b.value} (composed SFT): own effect "
+            f"2x2 mixture {a.value} x {b.value} ({family_title}): own effect "
             f"{a.value} {_f(mix.own[a.value], sign=True)}, "
             f"{b.value} {_f(mix.own[b.value], sign=True)}; cross effect {a.value}->{b.value} "
             f"{_f(mix.cross[f'{a.value}->{b.value}'], sign=True)}, {b.value}->{a.value} "

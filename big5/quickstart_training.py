@@ -132,3 +132,27 @@ def _job_bar(stack: Any, job_id: str, label: str) -> Iterator[None]:
         poll()  # the job's last recorded step, which the 1 s poll may not have seen
         finished_line()
         bar.close()
+
+
+def ensure_vectors(stack: Any) -> None:
+    """Extract and publish the steering vectors (the queued job of ``big5 steer extract``) unless the
+    registry has a set for this base model; a fresh set uses the calibrated defaults of trainer.steering."""
+    from big5core.jobs import get_job
+    from big5core.training import SteerSpec
+    from big5core.traits import Method
+    from big5engine.steering import STEER_LAYOUT
+    from big5personas import registry
+    from trainer.worker import Worker, submit
+
+    with stack.sessions() as session:
+        found = registry.find(session, method=Method.STEER.value, layout=STEER_LAYOUT, base_model=stack.base_model_id)
+    if found is not None:
+        typer.echo(f"[steer] vectors {found.ref}: already extracted, reused")
+        return
+    job_id = submit(stack.settings, SteerSpec(), db=stack.database)
+    Worker(stack.settings, db=stack.database).run_job(job_id)
+    with stack.sessions() as session:
+        job = get_job(session, job_id)
+        if job.state != "succeeded":
+            raise typer.BadParameter(f"steering vectors: job {job_id} {job.state}: {job.error}")
+        typer.echo(f"[steer] vectors {job.result['adapters']}: {job.result['seconds']:.0f} s")

@@ -26,7 +26,7 @@ from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 from big5core.datagen import DatagenSpec
 from big5core.errors import Conflict, NotFound
 from big5core.models import JobState, TrainingJob
-from big5core.training import TrainSpec
+from big5core.training import SteerSpec, TrainSpec
 
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 
@@ -85,7 +85,7 @@ def database_time(session: Session, seconds: int | float = 0) -> datetime:
     return value
 
 
-def create_job(session: Session, spec: TrainSpec | DatagenSpec, *, max_attempts: int = 3) -> TrainingJob:
+def create_job(session: Session, spec: TrainSpec | DatagenSpec | SteerSpec, *, max_attempts: int = 3) -> TrainingJob:
     job = TrainingJob(
         spec=spec.model_dump(mode="json"), max_attempts=max_attempts, state=JobState.QUEUED, created_at=db_now()
     )

@@ -181,3 +181,18 @@ class TrainSpec(ConditionsSpec):
     def targets(self) -> list[tuple[Trait, Level] | None]:
         """The adapters this spec produces: one (None) for unified, one per condition otherwise."""
         return [None] if self.layout == UNIFIED else list(self.parsed_conditions())
+
+
+STEER_KIND: Final = "steer-vectors"
+
+
+class SteerSpec(BaseModel):
+    """A steering-vector extraction job (``big5 steer extract``): it shares the training queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["steer-vectors"] = STEER_KIND
+    dataset: str = Field("bundled:big5chat-real", description="BIG5-CHAT source; its held-out scenarios are left out")
+    name: str = Field("steer-vectors", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    rows_per_arm: int | None = Field(64, ge=2, description="rows per trait-level at most (None: all)")
+    depth: int | None = Field(None, ge=1, description="decoder layers that get a vector (None: two thirds)")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from big5core.errors import Conflict
+from big5engine.steering import STEER_FILE, STEER_TENSOR, Steer, null_lora
 
 if TYPE_CHECKING:  # torch is imported when composing, so importing big5personas.resolver stays light
     import torch
@@ -120,6 +121,7 @@ def compose_adapters(
     out_dir: Path,
     *,
     part_meta: Sequence[Mapping[str, Any]] | None = None,
+    steer: Steer | None = None,
 ) -> Path:
     """Write the ``cat`` composition ``sum_i w_i * delta_i`` of ``parts`` as a PEFT LoRA folder.
 
@@ -128,14 +130,63 @@ def compose_adapters(
     with the path and weight in ``composition.json``. The folder appears atomically: written in a
     temporary sibling, fsynced, and moved into place with ``os.replace`` (an existing ``out_dir`` is
     replaced); a failure (a full disk) removes the sibling, so no half-written folder is ever visible.
-    """
-    import torch
-    from safetensors.torch import load_file
 
-    if not parts:
+    ``steer`` adds steering vectors (:mod:`big5engine.steering`): its rows go into the folder's steer
+    file and its metadata into the manifest; with no parts the LoRA is a rank-1 zero adapter.
+    """
+    if not parts and steer is None:
         raise CompositionError("nothing to compose: no parts")
     if part_meta is not None and len(part_meta) != len(parts):
         raise CompositionError("part_meta must have one entry per part")
+    if parts:
+        out, config, names = _cat(parts)
+    else:
+        assert steer is not None
+        out, config = null_lora(steer.model)
+        names = sorted({k.rsplit(".lora_", 1)[0] for k in out})
+    total_rank = int(config["r"])
+    folders = [Path(p) for p, _ in parts]
+    weights = [float(w) for _, w in parts]
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "combination_type": "cat",
+        "rank": total_rank,
+        "parts": [
+            {**(dict(part_meta[i]) if part_meta else {}), "path": str(folders[i]), "weight": weights[i]}
+            for i in range(len(parts))
+        ],
+    }
+    if steer is not None:
+        manifest["steer"] = dict(steer.meta)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".compose-", dir=out_dir.parent))
+    try:
+        _save(out, staging / WEIGHTS_FILE)
+        if steer is not None:
+            _save({STEER_TENSOR: steer.rows.float().contiguous()}, staging / STEER_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        _fsync_folder(staging)  # on disk before the folder appears under its name (a crash leaves no torn files)
+        if out_dir.exists():  # replace: move the old folder aside first (rename needs an empty target)
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(staging, out_dir)
+        _fsync_path(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Composed %d adapters (rank %d, %d modules) into %s", len(parts), total_rank, len(names), out_dir)
+    return out_dir
+
+
+def _cat(parts: Sequence[tuple[Path, float]]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The ``cat`` composition's tensors, its adapter config and its module names."""
+    import torch
+    from safetensors.torch import load_file
+
     folders = [Path(p) for p, _ in parts]
     weights = [float(w) for _, w in parts]
     if not all(math.isfinite(w) for w in weights):
@@ -194,35 +245,7 @@ def compose_adapters(
         alpha_pattern={},
         inference_mode=True,
     )
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "combination_type": "cat",
-        "rank": total_rank,
-        "parts": [
-            {**(dict(part_meta[i]) if part_meta else {}), "path": str(folders[i]), "weight": weights[i]}
-            for i in range(len(parts))
-        ],
-    }
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".compose-", dir=out_dir.parent))
-    try:
-        _save(out, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _fsync_folder(staging)  # on disk before the folder appears under its name (a crash leaves no torn files)
-        if out_dir.exists():  # replace: move the old folder aside first (rename needs an empty target)
-            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(staging, out_dir)
-        _fsync_path(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("Composed %d adapters (rank %d, %d modules) into %s", len(parts), total_rank, len(names), out_dir)
-    return out_dir
+    return out, config, names
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from big5core.errors import Unavailable
 from big5engine.compose import CONFIG_FILE, WEIGHTS_FILE, CompositionError, compose_adapters, read_manifest
+from big5engine.steering import STEER_FILE, Steer
 
 try:  # POSIX: a file lock makes "built once" hold across processes sharing a cache folder
     import fcntl
@@ -58,6 +59,7 @@ class _Wanted:
     folder: Path
     parts: Sequence[tuple[Path, float]]
     part_meta: Sequence[Mapping[str, Any]]
+    steer: Steer | None = None
 
     @cached_property
     def expected(self) -> list[dict[str, Any]]:
@@ -72,11 +74,17 @@ class _Wanted:
         manifest = read_manifest(self.folder)
         if manifest is None or not (self.folder / CONFIG_FILE).is_file() or not (self.folder / WEIGHTS_FILE).is_file():
             return False
-        return bool(manifest.get("parts") == self.expected)
+        if self.steer is not None and not (self.folder / STEER_FILE).is_file():
+            return False
+        return bool(manifest.get("parts") == self.expected and manifest.get("steer") == self._steer_meta)
+
+    @property
+    def _steer_meta(self) -> dict[str, Any] | None:
+        return None if self.steer is None else json.loads(json.dumps(dict(self.steer.meta)))
 
     def build(self) -> None:
         try:
-            compose_adapters(self.parts, self.folder, part_meta=self.part_meta)
+            compose_adapters(self.parts, self.folder, part_meta=self.part_meta, steer=self.steer)
         except OSError as exc:  # compose_adapters removed its staging folder: nothing half-written is left
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ComposedStorageFull("the disk holding composed adapters is full; retry later") from exc
@@ -125,14 +133,18 @@ class ComposedCache:
         self._last_touch_ns = 0
 
     def get_or_build(
-        self, name: str, parts: Sequence[tuple[Path, float]], part_meta: Sequence[Mapping[str, Any]]
+        self,
+        name: str,
+        parts: Sequence[tuple[Path, float]],
+        part_meta: Sequence[Mapping[str, Any]],
+        steer: Steer | None = None,
     ) -> Path:
-        """The folder ``root/name`` holding the composition of ``parts``, built if needed.
+        """The folder ``root/name`` holding the composition of ``parts`` (and ``steer``), built if needed.
 
         Counts one use: the folder stays held by this process (never evicted) until a matching
         :meth:`release`. Raises :class:`ComposedStorageFull` when the disk budget leaves no room.
         """
-        wanted = _Wanted(name, self.root / name, parts, part_meta)
+        wanted = _Wanted(name, self.root / name, parts, part_meta, steer)
         with self._name_lock(name):
             held = self._holds.get(name)
             if held is not None:  # held by us: no other process can have removed it
@@ -262,7 +274,7 @@ class ComposedCache:
         if self.max_bytes is None:
             yield
             return
-        need = estimate_bytes([path for path, _ in wanted.parts])
+        need = estimate_bytes([path for path, _ in wanted.parts]) + steer_bytes(wanted.steer)
         with self._exclusive():
             self._sweep_staging()
             folders = self._folders()
@@ -363,6 +375,16 @@ def estimate_bytes(parts: Sequence[Path]) -> int:
         itemsize = max(itemsize, 4)
     weights = sum(rank * (fan_in + fan_out) for fan_in, fan_out in shapes.values()) * itemsize
     return weights + 2 * len(shapes) * _HEADER_BYTES_PER_TENSOR + _FILE_SLACK
+
+
+def steer_bytes(steer: Steer | None) -> int:
+    """An upper bound of what ``steer`` adds to a folder: its rows, and the null LoRA when it has no parts."""
+    if steer is None:
+        return 0
+    model = steer.model
+    layers, hidden = int(model["num_hidden_layers"]), int(model["hidden_size"])
+    width = int(model["num_attention_heads"]) * int(model["head_dim"])
+    return 4 * layers * (hidden + width + hidden) + 2 * layers * _HEADER_BYTES_PER_TENSOR + _FILE_SLACK
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

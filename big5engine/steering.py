@@ -11,8 +11,9 @@ a **vector set**, a versioned registry artefact like an adapter:
 
 A persona's steering is ``sum_t value_t * scale_t * vector_t[l]`` for each chosen layer ``l``
 (:func:`steer_rows`). vLLM serves it through a LoRA slot: the persona's **steer folder** is a PEFT
-LoRA folder (a rank-1 zero adapter, or the files of the adapter it is combined with) plus
-``big5-steer.safetensors`` (tensor ``steer``, ``[num_layers, hidden]``). The engine plugin
+LoRA folder (a rank-1 zero adapter, or the composition of the adapters it is combined with) plus
+``big5-steer.safetensors`` (tensor ``steer``, ``[num_layers, hidden]``), written by
+:func:`big5engine.compose.compose_adapters` and kept by the composed cache. The engine plugin
 (:mod:`big5engine.steering_hook`) reads that file when vLLM loads the adapter and adds the row of the
 slot each token maps to after every steered layer, so steered, LoRA and plain requests share one batch,
 and the prefix cache keeps them apart (it keys on the adapter).
@@ -23,17 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from big5core.errors import Invalid
 from big5core.traits import TRAITS, Trait
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: importing the resolver stays light
+    import torch
 
 VECTORS_FILE = "vectors.safetensors"
 VECTORS_META = "vectors.json"
@@ -71,12 +71,18 @@ class VectorSet:
         """The calibrated default layers."""
         return [int(layer) for layer in self.meta["layers"]]
 
+    @property
+    def model(self) -> dict[str, int]:
+        """The base model's shape (:func:`model_shape`), which a null LoRA for it needs."""
+        return {k: int(v) for k, v in self.meta["model"].items()}
+
     def scale(self, trait: Trait) -> float:
         return float(self.meta["scales"][trait.value])
 
 
 def write_vector_set(folder: Path, vectors: Mapping[Trait, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write a vector set into ``folder`` (a staging folder: the registry publishes it)."""
+    import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,8 @@ def check_vector_folder(folder: Path, max_rank: int | None = None) -> dict[str, 
 
 def read_vector_set(folder: Path) -> VectorSet:
     """Read and check a vector set: every trait present, shapes as declared, finite values."""
+    import torch
+
     meta_path, tensor_path = folder / VECTORS_META, folder / VECTORS_FILE
     if not meta_path.is_file() or not tensor_path.is_file():
         raise SteeringError(f"vector set {folder} lacks {VECTORS_META} or {VECTORS_FILE}")
@@ -101,10 +109,13 @@ def read_vector_set(folder: Path) -> VectorSet:
         layers, hidden = int(meta["num_layers"]), int(meta["hidden_size"])
         scales = {t: float(meta["scales"][t.value]) for t in TRAITS}
         chosen = [int(layer) for layer in meta["layers"]]
+        shape = {k: int(meta["model"][k]) for k in MODEL_KEYS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SteeringError(f"vector set {folder}: unreadable {VECTORS_META} ({exc})") from None
     if meta.get("format") != FORMAT:
         raise SteeringError(f"vector set {folder}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if shape["num_hidden_layers"] != layers or shape["hidden_size"] != hidden:
+        raise SteeringError(f"vector set {folder}: its model shape {shape} disagrees with {(layers, hidden)}")
     if not chosen or any(not 0 <= layer < layers for layer in chosen):
         raise SteeringError(f"vector set {folder}: layers {chosen} outside 0..{layers - 1}")
     if any(not math.isfinite(s) for s in scales.values()):
@@ -140,6 +151,8 @@ def steer_rows(
     scales: Mapping[Trait, float] | None = None,
 ) -> torch.Tensor:
     """``[num_layers, hidden]``: ``sum_t value_t * scale_t * vector_t[l]`` on the chosen layers, zero elsewhere."""
+    import torch
+
     chosen = list(vectors.layers if layers is None else layers)
     if any(not 0 <= layer < vectors.num_layers for layer in chosen):
         raise SteeringError(f"layers {chosen} outside 0..{vectors.num_layers - 1}")
@@ -152,11 +165,15 @@ def steer_rows(
 
 def rows_digest(rows: torch.Tensor) -> str:
     """A short digest of a steer tensor (part of the served folder's name)."""
+    import torch
+
     return hashlib.sha256(rows.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def read_steer_file(path: Path, num_layers: int | None = None, hidden: int | None = None) -> torch.Tensor:
     """The ``steer`` tensor of a steer folder's file, checked (shape, finite); raises :class:`SteeringError`."""
+    import torch
+
     tensors = _load_tensors(path)
     rows = tensors.get(STEER_TENSOR)
     if rows is None or rows.dim() != 2:
@@ -169,34 +186,43 @@ def read_steer_file(path: Path, num_layers: int | None = None, hidden: int | Non
     return rows.to(torch.float32)
 
 
-def write_steer_folder(folder: Path, rows: torch.Tensor, base_config: Mapping[str, Any], adapter: Path | None) -> None:
-    """Write a servable steer folder: ``adapter``'s files (hard links where possible) or a rank-1 zero
-    LoRA on ``o_proj``, plus the steer file. ``folder`` is a staging folder the caller moves into place."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class Steer:
+    """Steering for one served folder: ``rows`` ``[num_layers, hidden]``, what made them, and the model's shape."""
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if adapter is not None:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            _link_or_copy(adapter / name, folder / name)
-    else:
-        _write_null_lora(folder, base_config)
-    save_file({STEER_TENSOR: rows.to(torch.float32).contiguous()}, str(folder / STEER_FILE))
+    rows: torch.Tensor
+    meta: Mapping[str, Any]
+    """recorded in the folder's manifest (vector set, traits, layers, scales, digest of the rows)"""
+    model: Mapping[str, Any]
+    """``hidden_size``, ``num_attention_heads``, ``head_dim``, ``num_hidden_layers`` of the base model"""
 
 
-def _write_null_lora(folder: Path, config: Mapping[str, Any]) -> None:
-    """A rank-1 LoRA on every ``o_proj`` whose matrices are zero: vLLM gets a slot, the model gets no delta."""
-    from safetensors.torch import save_file
+MODEL_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "num_hidden_layers")
 
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
+
+def model_shape(config: Mapping[str, Any]) -> dict[str, int]:
+    """The base-model numbers a null LoRA needs, from its ``config.json``."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "head_dim": int(config.get("head_dim") or hidden // heads),
+        "num_hidden_layers": int(config["num_hidden_layers"]),
+    }
+
+
+def null_lora(model: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A rank-1 LoRA on every ``o_proj`` whose matrices are zero (tensors, adapter config): it gets a
+    steered persona a LoRA slot in vLLM and changes nothing else."""
+    import torch
+
+    width = int(model["num_attention_heads"]) * int(model["head_dim"])
     tensors: dict[str, torch.Tensor] = {}
-    for layer in range(int(config["num_hidden_layers"])):
+    for layer in range(int(model["num_hidden_layers"])):
         key = f"base_model.model.model.layers.{layer}.self_attn.o_proj"
-        tensors[f"{key}.lora_A.weight"] = torch.zeros(1, heads * head_dim)
-        tensors[f"{key}.lora_B.weight"] = torch.zeros(hidden, 1)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    adapter_config = {
+        tensors[f"{key}.lora_A.weight"] = torch.zeros(1, width)
+        tensors[f"{key}.lora_B.weight"] = torch.zeros(int(model["hidden_size"]), 1)
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": 1,
@@ -210,11 +236,4 @@ def _write_null_lora(folder: Path, config: Mapping[str, Any]) -> None:
         "modules_to_save": None,
         "inference_mode": True,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    return tensors, config

@@ -50,6 +50,7 @@ from big5core.settings import Settings
 from big5core.training import PER_TRAIT, UNIFIED
 from big5core.traits import ADAPTER_METHODS, TRAITS, Level, Method, Trait, TraitVector, single_pole
 from big5engine.compose_cache import COMPOSED_PREFIX, ComposedCache, Hold
+from big5engine.steering import STEER_LAYOUT, Steer, VectorSet, read_vector_set, rows_digest, steer_rows
 from big5personas import registry
 from big5personas.registry import AdapterRef, RegistryError
 from big5personas.spec import PersonaError, PersonaSpec, fmt_value, persona_key
@@ -96,6 +97,8 @@ class ResolvedPersona:
     """a unified adapter trained with its instruction as the system turn gets it there"""
     hold: Hold | None = field(default=None, compare=False, repr=False)
     """a composed adapter's use of its folder, ended by :meth:`PersonaResolver.release`"""
+    steering: dict[str, Any] | None = None
+    """the activation steering served with it: vector set, layers, scale per trait, intensities"""
 
     @property
     def composed(self) -> bool:
@@ -118,6 +121,7 @@ class ResolvedPersona:
             "composed": self.composed,
             "parts": [dict(p) for p in self.parts],
             "base_model": self.base_model,
+            "steering": None if self.steering is None else dict(self.steering),
         }
 
 
@@ -194,6 +198,7 @@ class PersonaResolver:
         self._lock = threading.Lock()  # guards the small caches below, never held during I/O
         self._verified: set[tuple[str, str]] = set()
         self._demo_prefixes: dict[tuple[Trait, Level], tuple[str, tuple[dict[str, Any], ...]]] = {}
+        self._vector_sets: dict[str, VectorSet] = {}
 
     def release_composed(self, name: str) -> None:
         """End one use of composed adapter ``name`` (prefer :meth:`release`, which ends each use once)."""
@@ -245,6 +250,28 @@ class PersonaResolver:
         return dataclasses.replace(self._resolve(spec), base_model=self._base)
 
     def _resolve(self, spec: PersonaSpec) -> ResolvedPersona:
+        steer = spec.quantised_steer()
+        if spec.method is Method.STEER:
+            if steer:
+                raise PersonaError("method steer takes its vector from traits; give steer with another method")
+            traits = spec.quantised(self._step)
+            if not traits:
+                raise PersonaError("method steer needs at least one nonzero trait (after rounding to 0.05)")
+            return self._steered(None, traits, None, spec.adapter)
+        persona = self._resolve_unsteered(spec)
+        if not steer:
+            return persona
+        key = (
+            persona.key
+            + ("&" if "?" in persona.key else "?")
+            + persona_key(persona.method, {}, None, steer).split("?")[1]
+        )
+        try:
+            return self._steered(persona, steer, key)
+        finally:
+            self.release(persona)  # the steered folder holds what it needs; the base persona's hold ends
+
+    def _resolve_unsteered(self, spec: PersonaSpec) -> ResolvedPersona:
         traits = spec.quantised(self._step)
         asked = spec.adapter is not None or "method" in spec.model_fields_set
         if not asked and (spec.traits is None or not spec.traits.nonzero()):  # nothing asked for: no persona
@@ -430,6 +457,70 @@ class PersonaResolver:
         )
         hold = Hold(self._cache, name)
         return ResolvedPersona(method, _plain(traits), TemplateId.PLAIN, key, None, name, path, parts, hold=hold)
+
+    # -- activation steering -----------------------------------------------------------------
+
+    def vector_set(self, ref: str | None = None) -> tuple[_AdapterInfo, VectorSet]:
+        """The steering vector set ``ref`` (name@version), or the newest ready one for this base model,
+        verified and read (cached by sha256)."""
+        with self._sessions() as session:
+            if ref is None:
+                row = registry.find(session, method=Method.STEER.value, layout=STEER_LAYOUT, base_model=self._base)
+            else:
+                try:
+                    row = registry.get(session, AdapterRef.parse(ref))
+                except registry.AdapterNotFound as exc:
+                    raise PersonaNotFound(str(exc)) from None
+                except RegistryError as exc:
+                    raise PersonaError(str(exc)) from None
+                if row.method != Method.STEER.value or row.base_model != self._base:
+                    raise PersonaError(f"{row.ref} is not a steering vector set for base model {self._base!r}")
+            if row is None:
+                raise PersonaNotFound(
+                    f"no ready steering vectors for base model {self._base!r}; run 'big5 steer extract'"
+                )
+            self._verify(row)  # a changed file on disk is refused (409) before anything reads it
+            info = _AdapterInfo.of(row)
+        with self._lock:
+            vectors = self._vector_sets.get(info.sha256)
+        if vectors is None:
+            vectors = read_vector_set(Path(info.path))
+            with self._lock:
+                self._vector_sets[info.sha256] = vectors
+        return info, vectors
+
+    def _steered(
+        self, persona: ResolvedPersona | None, steer: dict[Trait, float], key: str | None, ref: str | None = None
+    ) -> ResolvedPersona:
+        """``persona`` (None: the base model) with ``steer``'s vectors (set ``ref``, default the newest)
+        added, served from one folder. A steer persona's key names its vector set (``&adapter=name@v``),
+        so stored assessments of other vectors are never taken for it."""
+        info, vectors = self.vector_set(ref)
+        if key is None:
+            key = persona_key(Method.STEER, steer, info.ref)
+        rows = steer_rows(vectors, steer)
+        steering = {
+            "vectors": info.ref,
+            "sha256": info.sha256,
+            "layers": vectors.layers,
+            "scales": {t.value: vectors.scale(t) for t in TRAITS},
+            "traits": _plain(steer),
+            "rows": rows_digest(rows),
+        }
+        parts: list[tuple[Path, float]] = []
+        meta: list[dict[str, Any]] = []
+        if persona is not None and persona.adapter_path is not None:
+            parts.append((persona.adapter_path, 1.0))
+            meta.append({"adapter": persona.adapter_name or ""})
+        payload = json.dumps([[m.get("adapter") for m in meta], steering["sha256"], steering["rows"]])
+        name = COMPOSED_PREFIX + hashlib.sha256(payload.encode()).hexdigest()[:16]
+        path = self._cache.get_or_build(name, parts, meta, Steer(rows, steering, vectors.model))
+        hold = Hold(self._cache, name)
+        if persona is None:
+            return ResolvedPersona(
+                Method.STEER, _plain(steer), TemplateId.PLAIN, key, None, name, path, (), hold=hold, steering=steering
+            )
+        return dataclasses.replace(persona, key=key, adapter_name=name, adapter_path=path, hold=hold, steering=steering)
 
 
 def _plain(traits: Mapping[Trait, float]) -> dict[str, float]:

@@ -30,11 +30,23 @@ def fmt_value(value: float) -> str:
     return f"{value:g}"
 
 
-def persona_key(method: Method | str, traits: Mapping[Trait, float], adapter: str | None = None) -> str:
+STEER_PARAM = "steer."
+"""Query prefix of steering added to another method: ``big5/dpo?extraversion=1&steer.extraversion=0.5``."""
+STEER_STEP = 0.05
+"""Steering intensities are continuous; they are rounded to this step (one served folder per value)."""
+
+
+def persona_key(
+    method: Method | str,
+    traits: Mapping[Trait, float],
+    adapter: str | None = None,
+    steer: Mapping[Trait, float] | None = None,
+) -> str:
     """Canonical string of a (quantised) persona: ``big5/sft?openness=0.75&neuroticism=-1``."""
     params = [f"{t.value}={fmt_value(traits[t])}" for t in TRAITS if traits.get(t)]
     if adapter:
         params.append(f"adapter={quote(adapter, safe='@-_.:')}")
+    params += [f"{STEER_PARAM}{t.value}={fmt_value(steer[t])}" for t in TRAITS if steer and steer.get(t)]
     return f"{KEY_PREFIX}{Method(method).value}" + ("?" + "&".join(params) if params else "")
 
 
@@ -52,17 +64,27 @@ class PersonaSpec(BaseModel):
     )
     adapter: str | None = Field(
         None,
-        description="Explicit registry adapter, name or name@version (sft/dpo only).",
+        description="Explicit registry adapter, name or name@version (sft/dpo; for steer: the vector set).",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(@[0-9]+)?$",
         max_length=160,
     )
+    steer: TraitVector | None = Field(
+        None,
+        description="Activation steering added to this persona (e.g. a DPO adapter plus a steering vector for "
+        "intensity): trait intensities in [-1, 1], rounded to 0.05. Method steer takes its vector from traits.",
+    )
 
     def quantised(self, step: float = 0.25) -> dict[Trait, float]:
+        if self.method is Method.STEER:
+            return self.traits.quantised(STEER_STEP) if self.traits is not None else {}
         return self.traits.quantised(step) if self.traits is not None else {}
+
+    def quantised_steer(self) -> dict[Trait, float]:
+        return self.steer.quantised(STEER_STEP) if self.steer is not None else {}
 
     def to_key(self, step: float = 0.25) -> str:
         """Canonical readable key (traits quantised to ``step``, OCEAN order)."""
-        return persona_key(self.method, self.quantised(step), self.adapter)
+        return persona_key(self.method, self.quantised(step), self.adapter, self.quantised_steer())
 
     @classmethod
     def from_model_name(cls, text: str) -> PersonaSpec:
@@ -79,11 +101,15 @@ class PersonaSpec(BaseModel):
             names = ", ".join(m.value for m in Method)
             raise PersonaError(f"unknown persona method {method_text!r} in {text!r}; expected one of {names}") from None
         traits: dict[Trait, float | str] = {}
+        steer: dict[Trait, float | str] = {}
         adapter: str | None = None
         for item in filter(None, query.split("&")):
             name, sep, value = (unquote(s).strip() for s in item.partition("="))
             if not sep or not value:
                 raise PersonaError(f"{item!r} in {text!r} needs a value: name=value")
+            into = traits
+            if name.lower().startswith(STEER_PARAM):
+                name, into = name[len(STEER_PARAM) :], steer
             if name.lower() == "adapter":
                 if adapter is not None:
                     raise PersonaError(f"adapter given twice in {text!r}")
@@ -96,10 +122,10 @@ class PersonaSpec(BaseModel):
                 trait = Trait.parse(name)
             except ValueError as exc:
                 raise PersonaError(f"{exc} (in {text!r})") from None
-            if trait in traits:
+            if trait in into:
                 raise PersonaError(f"{trait.value} given twice in {text!r}")
             if value.lower() in ("high", "low"):
-                traits[trait] = value.lower()
+                into[trait] = value.lower()
                 continue
             try:
                 number = float(value)
@@ -107,8 +133,13 @@ class PersonaSpec(BaseModel):
                 number = math.nan
             if not math.isfinite(number) or not -1.0 <= number <= 1.0:
                 raise PersonaError(f"{trait.value}={value!r} in {text!r}: expected a number in [-1, 1], high or low")
-            traits[trait] = number
+            into[trait] = number
         try:
-            return cls(method=method, traits=TraitVector.model_validate(traits) if traits else None, adapter=adapter)
+            return cls(
+                method=method,
+                traits=TraitVector.model_validate(traits) if traits else None,
+                adapter=adapter,
+                steer=TraitVector.model_validate(steer) if steer else None,
+            )
         except ValidationError as exc:
             raise PersonaError(f"invalid persona {text!r}: {exc.errors()[0]['msg']}") from None

@@ -159,7 +159,12 @@ def mixture(a: str, b: str, cells: Mapping[tuple[int, int], ItemScores]) -> Mixt
     )
 
 
-def dose_figure(curves: Sequence[DoseResponse], ceiling: Mapping[str, float] | None = None, fmt: str = "png") -> bytes:
+def dose_figure(
+    curves: Sequence[DoseResponse],
+    ceiling: Mapping[str, float] | None = None,
+    fmt: str = "png",
+    title: str = "Dialogue dose-response (composed per-trait adapters)",
+) -> bytes:
     """Judge score against requested level, one line per trait (matplotlib, Agg)."""
     import io
 
@@ -177,7 +182,7 @@ def dose_figure(curves: Sequence[DoseResponse], ceiling: Mapping[str, float] | N
     ax.set_ylabel("trait judge P(high | reply)")
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_title("Dialogue dose-response (composed per-trait adapters)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.tight_layout()

@@ -96,6 +96,9 @@ class PersonaReport(BaseModel):
     adapter: str | None = Field(description="Adapter served: a registry ref or a composed-<hash> name.")
     composed: bool = Field(description="True when several per-trait adapters were composed exactly.")
     parts: list[dict[str, Any]] = Field(description="Registry adapters and their weights.")
+    steering: dict[str, Any] | None = Field(
+        None, description="Activation steering applied: vector set, layers, scale per trait, intensities."
+    )
 
 
 # ---------------------------------------------------------------- /v1/generate
@@ -116,6 +119,9 @@ class GenerateRequest(_Strict):
         description="sft/dpo: trained adapters; prompt: Prompt-Inst; demo: Prompt-Demo; direct: no persona.",
     )
     adapter: AdapterName | None = Field(None, description="Explicit registry adapter (sft/dpo only).")
+    steer: TraitVector | None = Field(
+        None, description="Activation steering added to the persona (trait intensities in [-1, 1], step 0.05)."
+    )
     max_tokens: int = Field(128, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(DEFAULT_DECODING.temperature, ge=0.0, le=2.0, description="0 is greedy (deterministic).")
     top_p: float = Field(DEFAULT_DECODING.top_p, gt=0.0, le=1.0)
@@ -143,7 +149,11 @@ class GenerateRequest(_Strict):
 
     def to_persona_spec(self) -> PersonaSpec:
         """The persona asked for; only fields the client set are passed (the resolver cares)."""
-        given = {name: getattr(self, name) for name in ("method", "traits", "adapter") if name in self.model_fields_set}
+        given = {
+            name: getattr(self, name)
+            for name in ("method", "traits", "adapter", "steer")
+            if name in self.model_fields_set
+        }
         return PersonaSpec(**given)
 
     def to_messages(self) -> list[ChatMessage]:

@@ -21,7 +21,8 @@ import torch
 
 from big5core.dataset import HELDOUT_FRACTION, HELDOUT_SEED, Row, dataset_hash, heldout_split, load_filtered
 from big5core.traits import TRAITS, Level, Method, Trait
-from big5engine.steering import STEER_LAYOUT, check_vector_folder, write_vector_set
+from big5engine.activations import PROMPT_TOKENS, REPLY_TOKENS, reply_means
+from big5engine.steering import STEER_LAYOUT, check_vector_folder, model_shape, write_vector_set
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ DEFAULT_LAYERS: tuple[int, ...] = (9,)
 """Where a fresh set steers until calibration picks (``bench/steer_calibration.py``); SmolLM2-135M has 30."""
 DEFAULT_SCALE = 4.0
 """The default intensity scale, in units of the high-low difference of means."""
-PROMPT_TOKENS = 48
-"""Speaker X's turn is cut to its last 48 tokens, the reply to its first 64: the means need the reply's
-wording, not all of it, and extraction stays within two minutes on 2 cores."""
-REPLY_TOKENS = 64
 ROWS_PER_ARM = 64
 DEPTH_FRACTION = 2 / 3
 """Vectors are extracted for the first two thirds of the layers (steering works in the middle layers);
@@ -43,67 +40,6 @@ the decoder above them is not run."""
 class Extraction:
     vectors: dict[Trait, torch.Tensor]
     meta: dict[str, Any]
-
-
-class _Enough(Exception):
-    """Raised by the last hooked layer: the layers above it are not needed."""
-
-
-def _encode(tokenizer: Any, row: Row) -> tuple[list[int], int]:
-    """The chat's token ids (prompt and reply each cut to their budget) and where the reply starts."""
-    x = tokenizer(row.speaker_x, add_special_tokens=False).input_ids[-PROMPT_TOKENS:]
-    y = tokenizer(row.speaker_y, add_special_tokens=False).input_ids[:REPLY_TOKENS]
-    prompt = [{"role": "user", "content": tokenizer.decode(x)}]
-    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": tokenizer.decode(y)}], tokenize=False)
-    ids = list(tokenizer(full, add_special_tokens=False).input_ids)
-    return ids, min(len(tokenizer(head, add_special_tokens=False).input_ids), len(ids) - 1)
-
-
-def _reply_means(model: Any, tokenizer: Any, rows: Sequence[Row], depth: int, batch_size: int) -> torch.Tensor:
-    """``[rows, depth, hidden]``: each row's residual stream after decoder layers ``0..depth-1``, averaged
-    over its reply's tokens. Runs the decoder only up to layer ``depth - 1`` (no LM head)."""
-    encoded = [_encode(tokenizer, row) for row in rows]
-    out = torch.zeros(len(rows), depth, int(model.config.hidden_size))
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture(index: int) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            captured[index] = output[0] if isinstance(output, tuple) else output
-            if index == depth - 1:
-                raise _Enough
-
-        return hook
-
-    layers = model.model.layers
-    handles = [layers[i].register_forward_hook(capture(i)) for i in range(depth)]
-    order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with torch.inference_mode():
-            for at in range(0, len(order), batch_size):
-                chunk = order[at : at + batch_size]
-                width = max(len(encoded[i][0]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                reply = torch.zeros((len(chunk), width))
-                for j, i in enumerate(chunk):
-                    tokens, start = encoded[i]
-                    ids[j, : len(tokens)] = torch.tensor(tokens)
-                    mask[j, : len(tokens)] = 1
-                    reply[j, start : len(tokens)] = 1.0
-                captured.clear()
-                try:
-                    model.model(input_ids=ids, attention_mask=mask)
-                except _Enough:
-                    pass
-                stacked = torch.stack([captured[i] for i in range(depth)], dim=1).float()  # [b, depth, t, h]
-                weights = reply / reply.sum(dim=1, keepdim=True)
-                out[chunk] = torch.einsum("blth,bt->blh", stacked, weights)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out
 
 
 def _balanced(rows: Sequence[Row], per_arm: int | None) -> list[Row]:
@@ -142,7 +78,8 @@ def extract_vectors(
     layers, hidden = int(model.config.num_hidden_layers), int(model.config.hidden_size)
     depth = max(1, min(layers - 1, depth or round(layers * DEPTH_FRACTION)))
     means = torch.zeros(len(usable), layers, hidden)
-    means[:, :depth] = _reply_means(model, tokenizer, usable, depth, batch_size)
+    pairs = [(r.speaker_x, r.speaker_y) for r in usable]
+    means[:, :depth] = reply_means(model, tokenizer, pairs, depth, batch_size)
     vectors: dict[Trait, torch.Tensor] = {}
     counts: dict[str, dict[str, int]] = {}
     for trait in TRAITS:
@@ -154,6 +91,7 @@ def extract_vectors(
         counts[trait.value] = {"high": len(high), "low": len(low)}
     stream = means[:, :depth].norm(dim=2).mean(dim=0)  # the residual stream's mean norm after each layer
     meta = {
+        "model": model_shape(model.config.to_dict()),
         "num_layers": layers,
         "hidden_size": hidden,
         "layers": [min(layer, depth - 1) for layer in DEFAULT_LAYERS],
@@ -178,15 +116,21 @@ def training_rows(source: str | Path) -> list[Row]:
 
 
 def publish_extraction(
-    session: Any, extraction: Extraction, adapters_dir: Path, *, name: str, base_model: str, source: str
+    session: Any,
+    extraction: Extraction,
+    adapters_dir: Path,
+    *,
+    name: str,
+    base_model: str,
+    source: str,
+    job_id: str | None = None,
 ) -> Any:
     """Write the set to a staging folder and publish it as a ready registry row; returns the row."""
     import shutil
-    import tempfile
 
     from big5personas import registry
 
-    staging = Path(tempfile.mkdtemp(prefix="steer-", dir=registry.staging_dir(adapters_dir)))
+    staging = registry.staging_dir(adapters_dir)
     try:
         write_vector_set(staging, extraction.vectors, {**extraction.meta, "base_model": base_model})
         return registry.publish(
@@ -198,10 +142,8 @@ def publish_extraction(
             method=Method.STEER.value,
             layout=STEER_LAYOUT,
             traits={},
-            hyperparams={
-                k: extraction.meta[k] for k in ("layers", "scales", "calibrated", "num_layers", "hidden_size")
-            }
-            | {"source": source},
+            hyperparams={k: extraction.meta[k] for k in ("layers", "scales", "calibrated", "num_layers", "hidden_size")}
+            | {"source": source, "job_id": job_id},
             dataset_hash=extraction.meta["data_hash"],
             check=check_vector_folder,
         )

@@ -42,7 +42,7 @@ from big5core.heartbeat import owner_id
 from big5core.migrate import open_database
 from big5core.models import TrainingJob
 from big5core.settings import Settings
-from big5core.training import TrainSpec
+from big5core.training import STEER_KIND, SteerSpec, TrainSpec
 from big5engine.modelstore import base_model_id, resolve_base_model
 from big5personas import registry
 from trainer.checkpoints import ATTEMPT_PREFIX, resume_point
@@ -163,7 +163,11 @@ class Worker:
         beat.start()
         try:
             beat.check()
-            if raw_spec.get("kind") == DATAGEN_KIND:  # issue 16: data generation shares the queue
+            if raw_spec.get("kind") == STEER_KIND:  # issue 27: steering-vector extraction shares the queue
+                from trainer.steering_job import run_steer_job
+
+                state = run_steer_job(self.sessions, self.settings, self.owner, job_id, raw_spec, beat)
+            elif raw_spec.get("kind") == DATAGEN_KIND:  # issue 16: data generation shares the queue
                 from trainer.datagen.job import run_datagen_job
 
                 state = run_datagen_job(
@@ -392,7 +396,7 @@ class Worker:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def submit(settings: Settings, spec: TrainSpec, *, db: Database | None = None) -> str:
+def submit(settings: Settings, spec: TrainSpec | SteerSpec, *, db: Database | None = None) -> str:
     """Queue a job; returns its id. Without ``db`` a database is opened for it and closed again."""
     if db is None:
         with open_database(settings) as own:
