@@ -516,11 +516,24 @@ class PersonaResolver:
         name = COMPOSED_PREFIX + hashlib.sha256(payload.encode()).hexdigest()[:16]
         path = self._cache.get_or_build(name, parts, meta, Steer(rows, steering, vectors.model))
         hold = Hold(self._cache, name)
+        part = {"adapter": info.ref, "steering": True}  # a registry part too: its data split is checked
         if persona is None:
             return ResolvedPersona(
-                Method.STEER, _plain(steer), TemplateId.PLAIN, key, None, name, path, (), hold=hold, steering=steering
+                Method.STEER,
+                _plain(steer),
+                TemplateId.PLAIN,
+                key,
+                None,
+                name,
+                path,
+                (part,),
+                hold=hold,
+                steering=steering,
             )
-        return dataclasses.replace(persona, key=key, adapter_name=name, adapter_path=path, hold=hold, steering=steering)
+        return dataclasses.replace(
+            persona, key=key, adapter_name=name, adapter_path=path, parts=(*persona.parts, part), hold=hold,
+            steering=steering,
+        )  # fmt: skip
 
 
 def _plain(traits: Mapping[Trait, float]) -> dict[str, float]:

@@ -85,3 +85,25 @@ def test_quality_table_sits_beside_the_gaps_with_coverage_and_validity() -> None
     assert validity["inventory"] == "bfi44" and all(c["n"] == 10 for c in validity["traits"])
     assert all(c["r"] > 0.9 for c in validity["traits"])  # planted: questionnaire and judge agree
     assert gap_quality_figure(out["rows"]).startswith(b"\x89PNG")
+
+
+def test_steer_rows_dose_response_and_mixtures_are_tabled() -> None:
+    from big5.quickstart_plan import DOSE_LEVELS
+
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for trait in TRAITS:
+        scores[f"steer|{trait.value}|high"] = _reply(**{trait.value: 0.8})
+        scores[f"steer|{trait.value}|low"] = _reply(**{trait.value: 0.3})
+        for value in DOSE_LEVELS:
+            scores[f"dose-steer|{trait.value}|{value:+.1f}"] = _reply(**{trait.value: 0.5 + 0.2 * value})
+    a, b = MIXTURE_PAIRS[0]
+    for sa in (1, -1):
+        for sb in (1, -1):
+            scores[f"mix-steer|{a.value}:{sa:+d}|{b.value}:{sb:+d}"] = _reply(**{a.value: 0.5 + 0.1 * sa})
+    out = dialogue_tables(scores, SimpleNamespace(card=_card()))
+    assert abs(out["json"]["gaps"]["Steer"]["openness"]["gap"] - 0.5) < 1e-9
+    assert set(out["json"]["dose"]["dose-steer"]) == {t.value for t in TRAITS}
+    assert len(out["curves"]["dose-steer"]) == len(TRAITS)
+    (mix,) = out["json"]["mixtures"]
+    assert mix["method"] == "steer" and abs(mix["own"][a.value] - 0.2) < 1e-9
+    assert any(line.startswith(f"2x2 mixture {a.value} x {b.value} (steering)") for line in out["text"].splitlines())
