@@ -14,6 +14,7 @@ from big5engine.steering import (
     STEER_FILE,
     STEER_LAYOUT,
     SteeringError,
+    check_vector_folder,
     read_steer_file,
     read_vector_set,
     steer_rows,
@@ -58,7 +59,7 @@ def publish_vectors(env: Env, name: str = "vec", seed: int = 0) -> registry.Adap
             method="steer",
             layout=STEER_LAYOUT,
             traits={},
-            check=lambda folder, _rank: {"r": 0} if read_vector_set(folder) else {},
+            check=check_vector_folder,
         )
         session.expunge(row)
     return row
