@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from big5core.traits import TRAITS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BOUNDS = {"repetition": 0.10, "worst_opening": 0.25, "relevance_ratio": 0.8}
@@ -71,7 +73,7 @@ def main() -> None:
     configs = [(int(layer), float(scale)) for layer in args.layers.split(",") for scale in args.scales.split(",")]
     refs = {}
     for layer, scale in configs:
-        refs[(layer, scale)] = republish(settings, layers=[layer], scales=dict.fromkeys(_traits(), scale))
+        refs[(layer, scale)] = republish(settings, layers=[layer], scales=dict.fromkeys(TRAITS, scale))
     argv = ["--items", str(args.items), "--reply-tokens", str(args.reply_tokens), "--show", "1"]
     argv += ["--concurrency", str(args.concurrency), "--decoding", args.decoding or "default="]
     argv += ["--out", str(settings.data_dir / "reports" / "steer-calibration.jsonl")]
@@ -102,16 +104,10 @@ def main() -> None:
         ref = republish(
             settings,
             layers=[layer],
-            scales=dict.fromkeys(_traits(), scale),
+            scales=dict.fromkeys(TRAITS, scale),
             extra={"calibration": {"date": str(dt.date.today()), "items": args.items, "curve": curve}},
         )
         print(f"published {ref} as the default vector set")
-
-
-def _traits() -> list[Any]:
-    from big5core.traits import TRAITS
-
-    return list(TRAITS)
 
 
 if __name__ == "__main__":
