@@ -1,16 +1,11 @@
 """What the liveness of every background run shares: the owner id of the process that runs it, and the beat loop.
 
-Two lifecycles use it. The training queue's workers hold a lease on the job's row, renewed on the database's
-clock from a thread (``big5core.jobs``, ``trainer.lease``); the evaluator's runners write their owner and a
-heartbeat time into the run's row from the event loop, and a sweep fails the rows whose heartbeat went stale
-(``evaluator.background``). Both name the process that runs a job or a run the same way (:func:`owner_id`)
-and beat the same way: every ``interval`` seconds until stopped; a beat that raises (the database away for a
-moment) is logged and tried again at the next; a beat that returns False (the lease or the run is gone) ends
-the loop. :func:`beat_every` is the loop for a thread, :func:`keep_beating` the one for the event loop.
-
-Merging the two lifecycles themselves (one lease on the database's clock for jobs and runs alike, one reaper
-for both) would need lease columns (owner, expiry, attempts) on the assessments' and reasoning runs' tables:
-a schema change, not made.
+Every background row (a training job, an assessment, a reasoning run) holds one kind of lease, on the
+database's clock (:mod:`big5core.lease`). Its owner is named by :func:`owner_id` and renews the lease in a beat
+loop: every ``interval`` seconds until stopped; a beat that raises (the database away for a moment) is logged
+and tried again at the next; a beat that returns False (the lease is lost, the row cancelled) ends the loop.
+:func:`beat_every` is the loop for a thread (the training workers, ``trainer.lease``), :func:`keep_beating` the
+one for the event loop (the evaluator's runners, ``evaluator.background``).
 """
 
 from __future__ import annotations

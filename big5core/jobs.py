@@ -5,26 +5,24 @@ Claiming is a compare-and-set on (state, lease): on PostgreSQL the candidate row
 with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on each other; on SQLite the
 conditional UPDATE alone makes the claim atomic.
 
-Every lease time comes from the database's clock (:class:`db_now`), never from a worker's, so
-workers on machines whose clocks disagree still agree on when a lease has expired. A job whose
+The lease is the one every background row has (:mod:`big5core.lease`, on the database's clock). A job whose
 lease expired on its last allowed attempt is not claimed again: :func:`reap_exhausted` ends it
 ``failed`` with the reason (its checkpoints stay on disk for inspection).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, and_, bindparam, case, false, func, or_, select, true, update
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import and_, case, false, func, or_, select, true, update
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+from sqlalchemy.sql.expression import ColumnElement
 
+from big5core import lease
 from big5core.datagen import DatagenSpec
 from big5core.errors import Conflict, NotFound
+from big5core.lease import db_now
 from big5core.models import JobState, TrainingJob
 from big5core.training import SteerSpec, TrainSpec
 
@@ -45,44 +43,6 @@ class LeaseState(StrEnum):
     HELD = "held"
     LOST = "lost"  # another worker holds it, or it was reaped
     CANCELLED = "cancelled"
-
-
-class db_now(FunctionElement[datetime]):  # noqa: N801 - reads like the SQL function it stands for
-    """The database server's current time (UTC), optionally plus ``seconds``.
-
-    PostgreSQL: ``statement_timestamp() + n * interval '1 second'``; SQLite: ``strftime`` in the
-    exact text format SQLAlchemy stores DateTime values in, so comparisons with stored values hold.
-    """
-
-    type = DateTime(timezone=True)
-    inherit_cache = True
-    name = "db_now"
-
-    def __init__(self, seconds: int | float = 0) -> None:
-        super().__init__(bindparam(None, seconds, type_=Integer if isinstance(seconds, int) else None))
-
-
-@compiles(db_now)
-def _db_now_default(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"(CURRENT_TIMESTAMP + ({compiler.process(element.clauses, **kw)}) * INTERVAL '1 second')"
-
-
-@compiles(db_now, "postgresql")
-def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"(statement_timestamp() + ({compiler.process(element.clauses, **kw)}) * INTERVAL '1 second')"
-
-
-@compiles(db_now, "sqlite")
-def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    seconds = compiler.process(element.clauses, **kw)
-    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', ({seconds}) || ' seconds')"
-
-
-def database_time(session: Session, seconds: int | float = 0) -> datetime:
-    """The database's clock as a Python datetime (naive on SQLite: it stores UTC without a zone)."""
-    value = session.scalar(select(db_now(seconds)))
-    assert isinstance(value, datetime), value
-    return value
 
 
 def create_job(session: Session, spec: TrainSpec | DatagenSpec | SteerSpec, *, max_attempts: int = 3) -> TrainingJob:
@@ -110,7 +70,7 @@ def list_jobs(session: Session, *, state: str | None = None, limit: int = 20) ->
 
 
 def _expired() -> ColumnElement[bool]:
-    return and_(TrainingJob.state == JobState.RUNNING, TrainingJob.lease_expires_at < db_now())
+    return and_(TrainingJob.state == JobState.RUNNING, lease.expired(TrainingJob))
 
 
 def _claimable() -> ColumnElement[bool]:
@@ -176,8 +136,7 @@ def claim_next(session: Session, owner: str, lease_seconds: int, job_id: str | N
         .where(TrainingJob.id == candidate.id, _claimable())
         .values(
             state=JobState.RUNNING,
-            lease_owner=owner,
-            lease_expires_at=db_now(lease_seconds),
+            **lease.taken(owner, lease_seconds),
             heartbeat_at=db_now(),
             attempts=TrainingJob.attempts + 1,
             started_at=func.coalesce(TrainingJob.started_at, db_now()),
@@ -197,23 +156,17 @@ def _update_owned(session: Session, job_id: str, owner: str, values: dict[str, A
     The UPDATE also locks the row until the caller's transaction ends (on SQLite: the database),
     so a concurrent :func:`cancel` or claim waits for it.
     """
-    result = session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id, TrainingJob.lease_owner == owner, TrainingJob.state == JobState.RUNNING)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    return lease.update_owned(session, TrainingJob, job_id, owner, [JobState.RUNNING], values)
 
 
 def heartbeat(
     session: Session, job_id: str, owner: str, lease_seconds: int, progress: dict[str, Any] | None = None
 ) -> bool:
     """Renew the lease (and record progress); False when the lease was lost or the job cancelled."""
-    values: dict[str, Any] = {"heartbeat_at": db_now(), "lease_expires_at": db_now(lease_seconds)}
+    values: dict[str, Any] = {"heartbeat_at": db_now()}
     if progress is not None:
         values["progress"] = progress
-    return _update_owned(session, job_id, owner, values)
+    return lease.renew(session, TrainingJob, job_id, owner, lease_seconds, [JobState.RUNNING], values)
 
 
 def hold(session: Session, job_id: str, owner: str) -> bool:

@@ -177,6 +177,8 @@ class Assessment(Base):
     owner_key: Mapped[str | None] = mapped_column(
         String(64), index=True, doc="id of the API key that created it (a sha256 prefix, never the key); NULL: no key"
     )
+    lease_owner: Mapped[str | None] = mapped_column(String(128), doc="the runner working on it (big5core.lease)")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), doc="on the database's clock")
 
     inventory: Mapped[InventoryRecord] = relationship()
     responses: Mapped[list[ItemResponse]] = relationship(
@@ -269,6 +271,8 @@ class ReasoningRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(128), doc="the runner working on it (big5core.lease)")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), doc="on the database's clock")
 
     results: Mapped[list[ReasoningResult]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="ReasoningResult.id"

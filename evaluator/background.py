@@ -1,54 +1,53 @@
 """The lifecycle the evaluator's background runs share (assessments, reasoning runs).
 
-A run is a row with a ``progress`` JSON that carries its runner's ``owner`` and ``heartbeat``. The runner
-starts each run as a task on the caller's event loop and tracks it by id; a heartbeat refreshes the
-row while it runs (the owner id and the beat loop are the training workers' too, :mod:`big5core.heartbeat`);
-a run whose heartbeat is older than :data:`STALE_AFTER` belongs to a process that stopped, and
-:meth:`BackgroundRunner._sweep` fails it; :meth:`BackgroundRunner.drain` cancels what runs here (service
-shutdown), each run then ending failed.
+A run is a row that holds the lease every background row holds (:mod:`big5core.lease`, the training jobs'
+too, on the database's clock). The runner that creates or starts a run takes the lease and starts the run as
+a task on the caller's event loop, tracked by id; every heartbeat renews the lease while the run goes on (the
+owner id and the beat loop: :mod:`big5core.heartbeat`); a live run whose lease ran out belongs to a process
+that stopped, and :meth:`BackgroundRunner.sweep` fails it; :meth:`BackgroundRunner.drain` cancels what runs
+here (service shutdown), each run then ending failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from big5core import lease
 from big5core.db import transaction
+from big5core.errors import Invalid
 from big5core.heartbeat import owner_id
 
-STALE_AFTER = timedelta(minutes=10)
-HEARTBEAT_SECONDS = 30.0  # well inside STALE_AFTER, however long one run of an inventory takes
-INTERRUPTED = "interrupted: the process running it stopped"
+LEASE_SECONDS = 600  # a run whose runner has not renewed it for 10 min is taken for dead
+HEARTBEAT_SECONDS = 30.0  # well inside the lease, however long one run of an inventory takes
 
 
-class RunRow(Protocol):
-    """The columns of a run's row that the lifecycle reads."""
-
-    id: Any
-    progress: Any
-    created_at: Any
-
-
-def is_stale(row: RunRow, now: datetime, stale_after: timedelta) -> bool:
-    """Whether the row's heartbeat (its creation when it never beat) is older than ``stale_after``."""
-    beat = (row.progress or {}).get("heartbeat")
-    last = datetime.fromisoformat(beat) if beat else row.created_at
-    if last.tzinfo is None:
-        last = last.replace(tzinfo=UTC)
-    return bool(now - last > stale_after)
+class RunLeaseInvalid(Invalid):
+    code, title = "run-lease-invalid", "The heartbeat interval must be shorter than the lease"
 
 
 class BackgroundRunner:
-    """Owner id, heartbeats, transactions, the runs' tasks and their drain: what both runners share."""
+    """Owner id, the runs' lease, transactions, the runs' tasks and their drain: what both runners share.
 
-    def __init__(self, sessions: sessionmaker[Session], heartbeat_seconds: float) -> None:
+    A subclass names its table (``model``), the states in which a run is live and the one it ends in when it
+    fails.
+    """
+
+    model: ClassVar[type[Any]]
+    live: ClassVar[tuple[str, ...]]
+    failed: ClassVar[str]
+
+    def __init__(
+        self, sessions: sessionmaker[Session], heartbeat_seconds: float, lease_seconds: int | float = LEASE_SECONDS
+    ) -> None:
+        if heartbeat_seconds >= lease_seconds:
+            raise RunLeaseInvalid(f"heartbeat {heartbeat_seconds} s is not below the run's lease ({lease_seconds} s)")
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds
+        self.lease_seconds = lease_seconds
         self.owner = owner_id()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._by_id: dict[str, asyncio.Task[Any]] = {}  # runs of this runner in progress
@@ -77,26 +76,28 @@ class BackgroundRunner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _beat(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {**info, "owner": self.owner, "heartbeat": datetime.now(UTC).isoformat()}
+    def _lease(self) -> dict[str, Any]:
+        """The lease columns of a run this runner takes (at creation, or when it starts or resumes it)."""
+        return lease.taken(self.owner, self.lease_seconds)
+
+    def _renew(self, session: Session, run_id: str, values: dict[str, Any] | None = None) -> bool:
+        """Renew this runner's lease on the run (with ``values``); False when it no longer holds it live."""
+        return lease.renew(session, self.model, run_id, self.owner, self.lease_seconds, self.live, values)
+
+    def _renew_now(self, run_id: str, values: dict[str, Any] | None = None) -> bool:
+        with transaction(self.sessions) as session:
+            return self._renew(session, run_id, values)
 
     def _in_transaction(self, operation: Callable[..., Any], *args: Any) -> None:
         with transaction(self.sessions) as session:
             operation(session, *args)
 
-    def _sweep(
-        self,
-        model: type[Any],
-        live: Iterable[str],
-        fail: Callable[[Session, str, str], Any],
-        stale_after: timedelta,
-    ) -> int:
-        """Fail the live rows of ``model`` whose heartbeat is stale (a crashed process); returns how many."""
-        now = datetime.now(UTC)
-        count = 0
+    def expired(self, run_id: str) -> bool:
+        """Whether the run's lease ran out (nobody renews it: its process stopped)."""
+        with self.sessions() as session:
+            return lease.is_expired(session, self.model, run_id)
+
+    def sweep(self) -> int:
+        """Fail the live runs whose lease expired (a crashed process); returns how many."""
         with transaction(self.sessions) as session:
-            for row in session.scalars(select(model).where(model.state.in_(list(live)))).all():
-                if is_stale(row, now, stale_after):
-                    fail(session, row.id, INTERRUPTED)
-                    count += 1
-        return count
+            return len(lease.sweep(session, self.model, self.live, self.failed))

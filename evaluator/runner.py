@@ -2,7 +2,8 @@
 
 A finished assessment is written in one transaction (every response, every score, state done).
 Any failure on the way (engine, database) leaves it ``failed`` with the reason; a process that dies
-leaves it ``running`` with a stale heartbeat, which :meth:`AssessmentRunner.sweep` marks failed.
+leaves it ``running`` under a lease nobody renews, which :meth:`AssessmentRunner.sweep` marks failed once it
+expires (the lease: :mod:`evaluator.background`).
 
 Database work runs in worker threads (``asyncio.to_thread``), never on the event loop: a database
 that hangs (a lock, a stalled network) holds up the assessments that need it, not the service's
@@ -16,7 +17,6 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +28,7 @@ from big5core.models import Assessment, AssessmentState
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from evaluator import dialogue, store
 from evaluator.administer import Engine, administer, score
-from evaluator.background import HEARTBEAT_SECONDS, STALE_AFTER, BackgroundRunner
+from evaluator.background import HEARTBEAT_SECONDS, LEASE_SECONDS, BackgroundRunner
 from evaluator.inventories import DIALOGUE_INVENTORY, Inventory
 from evaluator.judge import JudgeStore
 from evaluator.schemas import AssessRequest
@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class AssessmentRunner(BackgroundRunner):
+    model = Assessment
+    live = (AssessmentState.QUEUED, AssessmentState.RUNNING)
+    failed = AssessmentState.FAILED
+
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -47,9 +51,10 @@ class AssessmentRunner(BackgroundRunner):
         engine: Engine,
         *,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        lease_seconds: int | float = LEASE_SECONDS,
         judges: JudgeStore | None = None,
     ) -> None:
-        super().__init__(sessions, heartbeat_seconds)
+        super().__init__(sessions, heartbeat_seconds, lease_seconds)
         self.resolver = resolver
         self.engine = engine
         settings = resolver.settings
@@ -115,7 +120,9 @@ class AssessmentRunner(BackgroundRunner):
                 options=options,
                 owner_key=owner_key,
             )
-            assessment.progress = self._beat({"items_done": 0, "items": self._expected(instrument, request)})
+            assessment.progress = {"items_done": 0, "items": self._expected(instrument, request)}
+            for column, value in self._lease().items():
+                setattr(assessment, column, value)
             return assessment.id, resolved, instrument
 
     def _store_instrument(self, inventory: str, turns: dialogue.DialogueSet | None) -> None:
@@ -187,7 +194,7 @@ class AssessmentRunner(BackgroundRunner):
         on_progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         try:
-            await asyncio.to_thread(self._in_transaction, store.mark_running, assessment_id)
+            await asyncio.to_thread(self._in_transaction, store.mark_running, assessment_id, self._lease())
             lora = None
             if resolved.adapter_name is not None and resolved.adapter_path is not None:
                 lora = await self.engine.register_lora(resolved.adapter_name, resolved.adapter_path)  # type: ignore[attr-defined]
@@ -196,11 +203,11 @@ class AssessmentRunner(BackgroundRunner):
             latest: dict[str, Any] = {"items_done": 0, "items": expected}
             writing = asyncio.Lock()  # a beat and a progress report never race (the newest wins)
 
-            async def write(info: dict[str, Any]) -> None:
+            async def write(info: dict[str, Any]) -> bool:
                 async with writing:
                     latest.update(info)
-                    beat = self._beat(latest)  # a new dict: later updates do not reach it
-                    await asyncio.to_thread(self._in_transaction, store.set_progress, assessment_id, beat)
+                    values = {"progress": dict(latest)}  # a new dict: later updates do not reach it
+                    return await asyncio.to_thread(self._renew_now, assessment_id, values)
 
             async def progress(info: dict[str, Any]) -> None:
                 await write(info)
@@ -249,10 +256,17 @@ class AssessmentRunner(BackgroundRunner):
             await self._fail_eventually(assessment_id, f"{type(exc).__name__}: {exc}")
 
     async def _keep_beating(
-        self, assessment_id: str, stop: asyncio.Event, write: Callable[[dict[str, Any]], Awaitable[None]]
+        self, assessment_id: str, stop: asyncio.Event, write: Callable[[dict[str, Any]], Awaitable[bool]]
     ) -> None:
-        """Refresh the heartbeat while a run is in progress, so no sweep takes it for a dead one."""
-        await keep_beating(stop, self.heartbeat_seconds, lambda: write({}), f"assessment {assessment_id}")
+        """Renew the lease while a run is in progress, so no sweep takes it for a dead one (until it is lost)."""
+
+        async def beat() -> bool:
+            held = await write({})
+            if not held:  # its completion is refused too: a sweep's verdict (failed) is final
+                logger.warning("Assessment %s: the lease was lost (swept as dead elsewhere)", assessment_id)
+            return held
+
+        await keep_beating(stop, self.heartbeat_seconds, beat, f"assessment {assessment_id}")
 
     def _mark_failed(self, assessment_id: str, error: str) -> None:
         self._in_transaction(store.fail, assessment_id, error)
@@ -260,15 +274,15 @@ class AssessmentRunner(BackgroundRunner):
     def _fail(self, assessment_id: str, error: str) -> None:
         try:
             self._mark_failed(assessment_id, error)
-        except Exception:  # the database itself may be down; the stale heartbeat sweep covers it
+        except Exception:  # the database itself may be down; the sweep fails it once its lease expires
             logger.exception("could not mark assessment %s failed", assessment_id)
 
     async def _fail_eventually(self, assessment_id: str, error: str) -> None:
         """Mark the assessment failed, retrying (1, 2, 4 .. 30 s) while the database is down.
 
-        Gives up after ``STALE_AFTER``, when the stale-heartbeat sweep at the next start takes over.
+        Gives up after the lease's length, when the sweep at the next start takes over.
         """
-        deadline = time.monotonic() + STALE_AFTER.total_seconds()
+        deadline = time.monotonic() + self.lease_seconds
         for delay in backoff_delays(1.0, 30.0):
             try:
                 await asyncio.to_thread(self._mark_failed, assessment_id, error)
@@ -279,7 +293,3 @@ class AssessmentRunner(BackgroundRunner):
                     return
                 logger.warning("could not mark assessment %s failed yet; retrying in %.0f s", assessment_id, delay)
                 await asyncio.sleep(delay)
-
-    def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
-        """Fail assessments whose runner stopped beating (a crashed process); returns how many."""
-        return self._sweep(Assessment, [AssessmentState.QUEUED, AssessmentState.RUNNING], store.fail, stale_after)

@@ -193,16 +193,13 @@ def search(
     return session.scalars(query.limit(limit).offset(offset)).all()
 
 
-def mark_running(session: Session, assessment_id: str) -> None:
+def mark_running(session: Session, assessment_id: str, lease: dict[str, Any]) -> None:
+    """Start the assessment under the runner's ``lease`` (``big5core.lease.taken``)."""
     session.execute(
         update(Assessment)
         .where(Assessment.id == assessment_id)
-        .values(state=AssessmentState.RUNNING, started_at=utcnow(), error=None)
+        .values(state=AssessmentState.RUNNING, started_at=utcnow(), error=None, **lease)
     )
-
-
-def set_progress(session: Session, assessment_id: str, progress: dict[str, Any]) -> None:
-    session.execute(update(Assessment).where(Assessment.id == assessment_id).values(progress=progress))
 
 
 def complete(session: Session, assessment_id: str, items: list[Response], scores: Scores, expected_items: int) -> None:

@@ -3,14 +3,14 @@
 Every (persona, task) unit is written whole (its result and all its items) in ONE transaction, so a
 unit is either absent or complete; the run is marked done only when every unit is stored. A run that
 fails or is killed midway keeps its stored units: :meth:`ReasoningRunner.run` on it again evaluates
-only the missing ones (``big5 reason --resume ID``), and the service's sweep marks runs whose process
-stopped beating failed. Units run on a thread pool (lm-eval is synchronous), all on ONE engine: their
+only the missing ones (``big5 reason --resume ID``), and the service's sweep fails runs whose lease
+expired (their process stopped). Units run on a thread pool (lm-eval is synchronous), all on ONE engine: their
 requests meet in its batches (multi-LoRA), and the units of a task are scheduled together.
 
 A run is cancelled (:meth:`ReasoningRunner.cancel`, or the service's shutdown) by cancelling its task:
 the engine calls its units have in flight are cancelled too (which aborts them in the engine), no
-further unit starts, and it ends failed. A run cancelled by another replica (its row no longer
-running) is noticed at the next heartbeat. Composed adapters are held from the run's start to its end.
+further unit starts, and it ends failed. A run cancelled or swept by another replica (its lease
+no longer held) is noticed at the next heartbeat. Composed adapters are held from the run's start to its end.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from big5core import lease
 from big5core.db import transaction
 from big5core.heartbeat import keep_beating
 from big5core.models import ReasoningRun, ReasoningState
@@ -34,7 +34,7 @@ from big5core.settings import ReasoningSettings
 from big5engine.engine import PersonaEngine
 from big5personas.resolver import PersonaResolver, ResolvedPersona
 from big5personas.spec import PersonaSpec
-from evaluator.background import HEARTBEAT_SECONDS, STALE_AFTER, BackgroundRunner, is_stale
+from evaluator.background import HEARTBEAT_SECONDS, LEASE_SECONDS, BackgroundRunner
 from evaluator.reasoning import store
 from evaluator.reasoning.errors import ReasoningRunNotResumable
 from evaluator.reasoning.schemas import ReasoningRequest
@@ -53,6 +53,10 @@ CANCELLED_BY_CLIENT = "cancelled by a client"
 
 
 class ReasoningRunner(BackgroundRunner):
+    model = ReasoningRun
+    live = (ReasoningState.QUEUED, ReasoningState.RUNNING)
+    failed = ReasoningState.FAILED
+
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -61,9 +65,10 @@ class ReasoningRunner(BackgroundRunner):
         settings: ReasoningSettings,
         *,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        lease_seconds: int | float = LEASE_SECONDS,
         evaluate: Evaluate | None = None,
     ) -> None:
-        super().__init__(sessions, heartbeat_seconds)
+        super().__init__(sessions, heartbeat_seconds, lease_seconds)
         self.resolver = resolver
         self.engine = engine
         self.settings = settings
@@ -98,8 +103,10 @@ class ReasoningRunner(BackgroundRunner):
                 limit=request.limit,
                 options=options,
                 lm_eval_version=version("lm_eval"),
-                progress=self._beat({"units_done": 0, "units": len(keys) * len(tasks)}),
+                progress={"units_done": 0, "units": len(keys) * len(tasks)},
             )
+            for column, value in self._lease().items():
+                setattr(run, column, value)
             return run.id
 
     async def submit(self, request: ReasoningRequest) -> str:
@@ -179,7 +186,7 @@ class ReasoningRunner(BackgroundRunner):
         tasks = [task_info(n) for n in names]
         todo = [(t, k) for t in tasks for k in keys if (t.name, k) not in done]  # task-major: a task's units together
         progress: dict[str, Any] = {"units_done": len(done), "units": len(keys) * len(tasks)}
-        await asyncio.to_thread(self._in_transaction, store.mark_running, run_id, self._beat(progress))
+        await asyncio.to_thread(self._in_transaction, store.mark_running, run_id, dict(progress), self._lease())
         models = await self._models(keys, engine, held)
         stop = asyncio.Event()
         current = asyncio.current_task()
@@ -248,10 +255,10 @@ class ReasoningRunner(BackgroundRunner):
         )
         with self._progress_lock:
             progress["units_done"] += 1
-            beat = self._beat(progress)
+            values = {"progress": dict(progress)}
         with transaction(self.sessions) as session:  # the unit, all its items and the progress: one transaction
             store.add_unit(session, run_id, unit)
-            store.set_progress(session, run_id, beat)
+            self._renew(session, run_id, values)  # a run cancelled meanwhile keeps the unit (a resume skips it)
         if on_unit is not None:
             on_unit(unit)
 
@@ -260,18 +267,17 @@ class ReasoningRunner(BackgroundRunner):
     async def _keep_beating(
         self, run_id: str, progress: dict[str, Any], stop: asyncio.Event, run: asyncio.Task[Any]
     ) -> None:
-        """Refresh the heartbeat; stop the run (cancel ``run``) once its row is no longer running."""
+        """Renew the lease; stop the run (cancel ``run``) once this runner no longer holds it live."""
 
         async def beat() -> bool:
             with self._progress_lock:
-                info = self._beat(progress)
-            await asyncio.to_thread(self._in_transaction, store.set_progress, run_id, info)
+                values = {"progress": dict(progress)}
+            if await asyncio.to_thread(self._renew_now, run_id, values):
+                return True
             state = await asyncio.to_thread(self._state, run_id)
-            if state != ReasoningState.RUNNING:
-                logger.info("Reasoning run %s is %s (cancelled elsewhere): stopping it", run_id, state)
-                run.cancel()
-                return False
-            return True
+            logger.info("Reasoning run %s is %s (cancelled or swept elsewhere): stopping it", run_id, state)
+            run.cancel()
+            return False
 
         await keep_beating(stop, self.heartbeat_seconds, beat, f"reasoning run {run_id}")
 
@@ -282,20 +288,16 @@ class ReasoningRunner(BackgroundRunner):
     def _fail(self, run_id: str, error: str) -> None:
         try:
             self._in_transaction(store.fail, run_id, error)
-        except Exception:  # the database may be down: the stale-heartbeat sweep covers it
+        except Exception:  # the database may be down: the sweep fails it once its lease expires
             logger.exception("could not mark reasoning run %s failed", run_id)
 
-    def sweep(self, stale_after: timedelta = STALE_AFTER) -> int:
-        """Fail runs whose process stopped beating; returns how many. Their stored units stay (resumable)."""
-        return self._sweep(ReasoningRun, [ReasoningState.QUEUED, ReasoningState.RUNNING], store.fail, stale_after)
-
-    def check_resumable(self, run_id: str, stale_after: timedelta = STALE_AFTER) -> None:
-        """Raise unless the run may be resumed here: failed, or queued/running with a stale heartbeat."""
+    def check_resumable(self, run_id: str) -> None:
+        """Raise unless the run may be resumed here: failed, or queued/running under an expired lease."""
         with self.sessions() as session:
             run = store.get(session, run_id)
             if run.state == ReasoningState.DONE:
                 raise ReasoningRunNotResumable(f"reasoning run {run_id} is done")
-            if run.state != ReasoningState.FAILED and not is_stale(run, datetime.now(UTC), stale_after):
+            if run.state != ReasoningState.FAILED and not lease.is_expired(session, ReasoningRun, run_id):
                 raise ReasoningRunNotResumable(f"reasoning run {run_id} is {run.state} under a live process")
 
 

@@ -67,16 +67,15 @@ def stored_units(session: Session, run_id: str) -> set[tuple[str, str]]:
     return {(task, key) for task, key in rows}
 
 
-def mark_running(session: Session, run_id: str, progress: dict[str, Any]) -> None:
+def mark_running(session: Session, run_id: str, progress: dict[str, Any], lease: dict[str, Any]) -> None:
+    """Start (or resume) the run under the runner's ``lease`` (``big5core.lease.taken``): a resume takes it over."""
     session.execute(
         update(ReasoningRun)
         .where(ReasoningRun.id == run_id)
-        .values(state=ReasoningState.RUNNING, started_at=utcnow(), finished_at=None, error=None, progress=progress)
+        .values(
+            state=ReasoningState.RUNNING, started_at=utcnow(), finished_at=None, error=None, progress=progress, **lease
+        )
     )
-
-
-def set_progress(session: Session, run_id: str, progress: dict[str, Any]) -> None:
-    session.execute(update(ReasoningRun).where(ReasoningRun.id == run_id).values(progress=progress))
 
 
 def add_unit(session: Session, run_id: str, unit: UnitResult) -> ReasoningResult:

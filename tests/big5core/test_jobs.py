@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate
+from big5core import jobs, lease, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
 from big5core.training import TrainSpec
@@ -62,7 +62,7 @@ def _claim(sessions: sessionmaker[Session], owner: str, job_id: str | None = Non
 def _expire(sessions: sessionmaker[Session], job_id: str) -> None:
     """What a dead worker leaves: its lease ran out (by the database's clock)."""
     with transaction(sessions) as session:
-        session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(lease_expires_at=jobs.db_now(-1)))
+        session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(lease_expires_at=lease.db_now(-1)))
 
 
 def _aware(value: datetime) -> datetime:
@@ -80,7 +80,7 @@ def test_lease_times_come_from_the_database_clock(
     claimed = _claim(sessions, "w1")
     assert claimed is not None and claimed.id == job_id
     with sessions() as session:
-        now = _aware(jobs.database_time(session))
+        now = _aware(lease.database_time(session))
         job = session.get(TrainingJob, job_id)
         assert job is not None and job.lease_expires_at is not None and job.heartbeat_at is not None
         remaining = (_aware(job.lease_expires_at) - now).total_seconds()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -199,16 +198,16 @@ def test_a_swept_assessment_is_not_completed_later(stack: Stack) -> None:
 
 
 def test_a_long_run_keeps_its_heartbeat_fresh(stack: Stack) -> None:
-    """A run longer than the stale limit is not swept by another replica: the runner beats while it runs."""
+    """A run longer than its lease is not swept by another replica: the runner renews the lease while it runs."""
     with stack.sessions() as session, session.begin():
         name = _custom(session)
 
     class Slow(PlantedEngine):
         async def generate(self, *args: Any, **kwargs: Any) -> Any:
-            await asyncio.sleep(2.5)  # one run (its items are concurrent) lasts 2.5 s, the stale limit is 1 s
+            await asyncio.sleep(2.5)  # one run (its items are concurrent) lasts 2.5 s, the lease 1 s
             return await super().generate(*args, **kwargs)
 
-    runner = AssessmentRunner(stack.sessions, stack.resolver, Slow({}), heartbeat_seconds=0.25)
+    runner = AssessmentRunner(stack.sessions, stack.resolver, Slow({}), heartbeat_seconds=0.25, lease_seconds=1)
     replica = AssessmentRunner(stack.sessions, stack.resolver, PlantedEngine({}))
     request = AssessRequest.model_validate(
         {"persona": {"method": "direct"}, "inventory": name, "scoring": "generate", "runs": 1}
@@ -219,14 +218,14 @@ def test_a_long_run_keeps_its_heartbeat_fresh(stack: Stack) -> None:
         with stack.sessions() as session:
             row = session.get(Assessment, assessment_id)
             assert row is not None
-            return row.state, row.progress["heartbeat"]
+            return row.state, str(row.lease_expires_at)
 
     async def run_while_sweeping() -> set[str]:
         task = asyncio.create_task(runner.run(assessment_id, request, resolved, inventory))
         beats: set[str] = set()
         while not task.done():
             await asyncio.sleep(0.3)
-            await asyncio.to_thread(replica.sweep, timedelta(seconds=1))  # the other replica's startup sweep
+            await asyncio.to_thread(replica.sweep)  # the other replica's startup sweep
             state, beat = await asyncio.to_thread(observed)
             assert state in ("running", "done"), state
             beats.add(beat)
@@ -236,7 +235,7 @@ def test_a_long_run_keeps_its_heartbeat_fresh(stack: Stack) -> None:
     beats = asyncio.run(run_while_sweeping())
     state, _ = observed()
     assert state == "done"
-    assert len(beats) >= 4  # the heartbeat moved during the run, not only at its end
+    assert len(beats) >= 4  # the lease was renewed during the run, not only at its end
 
 
 @pytest.mark.parametrize(

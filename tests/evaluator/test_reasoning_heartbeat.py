@@ -1,4 +1,4 @@
-"""The reasoning runner's heartbeat (the shared loop of big5core/heartbeat.py): it refreshes the run's row while
+"""The reasoning runner's heartbeat (the shared loop of big5core/heartbeat.py): it renews the run's lease while
 the run goes on, and stops the run once its row is no longer running (cancelled by another replica)."""
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ def test_the_heartbeat_refreshes_the_row_and_stops_a_run_cancelled_elsewhere(tmp
         session.add(run)
         session.flush()
         run_id = run.id
-        store.mark_running(session, run_id, runner._beat(progress))
+        store.mark_running(session, run_id, dict(progress), runner._lease())
 
     def heartbeat() -> str:
         with database.sessions() as session:
             row = session.get(ReasoningRun, run_id)
             assert row is not None
-            return str(row.progress["heartbeat"])
+            return str(row.lease_expires_at)
 
     async def go() -> tuple[set[str], bool]:
         work = asyncio.create_task(asyncio.sleep(60))  # stands in for the run's units

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from big5core import lease
 from big5core.db import transaction
 from evaluator.reasoning import store
 from evaluator.reasoning.harness import ItemResult, UnitResult
@@ -43,7 +44,7 @@ def test_a_stored_unit_reads_back_item_by_item(pg_sessions: sessionmaker[Session
             lm_eval_version="0.4",
             progress={"units_done": 0, "units": 1, "owner": "host:1:abc"},
         ).id
-        store.mark_running(session, run_id, {"units_done": 0, "units": 1, "owner": "host:1:abc"})
+        store.mark_running(session, run_id, {"units_done": 0, "units": 1}, lease.taken("host:1:abc", 600))
         store.add_unit(session, run_id, _unit("big5/direct"))
         assert store.complete(session, run_id, expected_units=1)
     with pg_sessions() as session:

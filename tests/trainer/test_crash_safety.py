@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, migrate
+from big5core import lease, migrate
 from big5core.db import make_engine, session_factory, transaction
 from big5core.models import Adapter, JobState, TrainingJob
 from big5core.settings import Settings, TrainerSettings
@@ -106,7 +106,7 @@ def _adapters_of(sessions: sessionmaker[Session], job_id: str) -> list[Adapter]:
 def _lease_expired(sessions: sessionmaker[Session], job_id: str) -> bool:
     with sessions() as session:
         expires = _job(sessions, job_id).lease_expires_at
-        return expires is not None and expires < jobs.database_time(session)
+        return expires is not None and expires < lease.database_time(session)
 
 
 def test_job_killed_on_every_attempt_ends_failed(
@@ -179,7 +179,7 @@ def test_stolen_lease_and_cancel_stop_training_within_a_step(
             session.execute(
                 update(TrainingJob)
                 .where(TrainingJob.id == stolen)
-                .values(lease_owner="thief", lease_expires_at=jobs.db_now(600), progress={"owner": "thief"})
+                .values(lease_owner="thief", lease_expires_at=lease.db_now(600), progress={"owner": "thief"})
             )
         step = lambda: _job(sessions, cancelled).progress.get("step", 0)  # noqa: E731
         _wait_for("training of the second job", lambda: step() >= 2, proc, log)
