@@ -126,7 +126,7 @@ def _register_edges() -> None:
                 continue
             raise
         module.register(app)
-    from trainer.datagen.cli import register as register_datagen  # issue 16: `big5 datagen`
+    from trainer.datagen_cli import register as register_datagen  # issue 16: `big5 datagen`
 
     register_datagen(app, judge_factory=_datagen_judge)
 
