@@ -1,11 +1,12 @@
 """Training speed on the bundled model and sample data: seconds per step and tokens per second.
 
-    python bench/train_speed.py [--steps 6] [--batch 4] [--max-length 256] [--methods sft sft-lc dpo]
+    python bench/train_speed.py [--steps 6] [--batch 4] [--max-length 256] [--methods sft sft-lc sft-lc-af dpo]
     python bench/train_speed.py --random-shape llama3-8b --tokenizer PATH   # a larger model's speed
     python bench/train_speed.py --random-shape llama3-8b --vocab-size 128256  # and its vocabulary's size
 
 ``sft-lc`` is SFT with the level-contrast term (``TrainSpec.level_contrast`` 1.0, trainer/level_contrast.py),
-which scores every reply under the opposite level as well.
+which scores every reply under the opposite level as well; ``sft-lc-af`` adds the answer-format term
+(``TrainSpec.answer_format`` 1.0, trainer/answer_format.py), the quickstart's unified SFT.
 
 ``--random-shape`` times a randomly initialised model of a published architecture (weights do not
 change the speed of a step) with the tokenizer of ``--tokenizer`` (default: the configured base
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", choices=["sft", "sft-lc", "dpo"], default=["sft", "dpo"])
+    parser.add_argument("--methods", nargs="+", choices=["sft", "sft-lc", "sft-lc-af", "dpo"], default=["sft", "dpo"])
     parser.add_argument("--random-shape", choices=sorted(SHAPES))
     parser.add_argument("--tokenizer", help="tokenizer folder for --random-shape (default: the base model)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary rows of the --random-shape model")
@@ -102,7 +103,8 @@ def main() -> None:
     for method in args.methods:
         spec = TrainSpec(
             method="dpo" if method == "dpo" else "sft",
-            level_contrast=1.0 if method == "sft-lc" else 0.0,
+            level_contrast=1.0 if method.startswith("sft-lc") else 0.0,
+            answer_format=1.0 if method == "sft-lc-af" else 0.0,
             layout="unified",
             max_steps=args.steps,
             per_device_train_batch_size=args.batch,

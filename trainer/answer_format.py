@@ -66,8 +66,11 @@ class AnswerFormatTerm:
         for i, row in enumerate(rows):  # right-padded: positions stay 0..len-1 as in generation
             ids[i, : len(row)] = torch.tensor(row, device=device)
             mask[i, : len(row)] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        last = torch.tensor([len(r) - 1 for r in rows], device=device)
+        # Output-layer logits only where an answer position can be (``logits_to_keep``): the last positions
+        # from the shortest probe's end on, not every prompt token (the output layer is most of the cost).
+        keep = width - min(len(r) for r in rows) + 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        last = torch.tensor([len(r) - 1 - (width - keep) for r in rows], device=device)
         return torch.log_softmax(logits[torch.arange(len(rows), device=device), last].float(), dim=-1)
 
     def base_logp(self, peft_model: Any) -> Any:

@@ -71,6 +71,23 @@ def test_the_term_is_zero_for_an_untrained_adapter_and_moves_lora_only(tiny_mode
     assert grads and all("lora_" in n for n in grads)
 
 
+def test_the_answer_log_probs_are_those_of_the_full_logits(tiny_model: Path) -> None:
+    """Only the last positions' logits are computed; the answer position's log-probs are unchanged by it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = _peft(tiny_model).eval()
+    rows = probe_prompts(tokenizer, "unified", "user", n=6)
+    assert len({len(r) for r in rows}) > 1  # probes of different lengths: the right padding varies
+    term = AnswerFormatTerm(rows, 1.0, pad_id=0)
+    with torch.no_grad():
+        kept = term._answer_logp(model, rows)
+        full = torch.stack(
+            [torch.log_softmax(model(input_ids=torch.tensor([r])).logits[0, -1].float(), dim=-1) for r in rows]
+        )
+    assert torch.allclose(kept, full, atol=1e-4)
+
+
 def test_wrapped_trainer_adds_the_term_only_in_training() -> None:
     class Base:
         def __init__(self) -> None:
