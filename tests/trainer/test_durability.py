@@ -24,8 +24,9 @@ from sqlalchemy import Engine, event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from big5core import jobs, lease, migrate
+from big5core import jobs, migrate
 from big5core.db import make_engine, session_factory, transaction
+from big5core.lease import database_time, db_now
 from big5core.models import Adapter, JobState, TrainingJob
 from big5core.settings import Settings, TrainerSettings
 from big5core.training import TrainSpec
@@ -242,7 +243,7 @@ def test_worker_that_cannot_renew_its_lease_stops_before_it_expires(own_db: str,
         cut.start()
         _wait_for("the worker to give the lease up", lambda: beat.stop_reason() is not None, timeout=3 * lease)
         with sessions() as session:  # before the database lets anyone else claim the job
-            assert lease.database_time(session) < _job(sessions, job_id).lease_expires_at
+            assert database_time(session) < _job(sessions, job_id).lease_expires_at
             assert jobs.claim_next(session, "w2", lease, job_id) is None
             session.rollback()
         assert "could not be renewed" in str(beat.stop_reason())
@@ -288,7 +289,7 @@ def test_a_failure_removes_only_its_own_attempts_staging(settings: Settings, own
             session.execute(
                 update(TrainingJob)
                 .where(TrainingJob.id == job_id)
-                .values(lease_owner="w2", attempts=TrainingJob.attempts + 1, lease_expires_at=lease.db_now(600))
+                .values(lease_owner="w2", attempts=TrainingJob.attempts + 1, lease_expires_at=db_now(600))
             )
         thief["own"] = staged[0]
         thief["staging"] = cfg.adapters_dir / f"{registry.STAGING_PREFIX}{job_id}-a2-0123abcd"
@@ -374,7 +375,7 @@ def test_connection_cut_longer_than_the_lease_mid_job_publishes_one_version(
         def expired() -> bool:
             with sessions() as session:
                 expires = _job(sessions, job_id).lease_expires_at
-                return expires is not None and expires < lease.database_time(session)
+                return expires is not None and expires < database_time(session)
 
         a_done: dict[str, float | int] = {}
 
