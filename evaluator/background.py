@@ -80,6 +80,11 @@ class BackgroundRunner:
         """The lease columns of a run this runner takes (at creation, or when it starts or resumes it)."""
         return lease.taken(self.owner, self.lease_seconds)
 
+    def _hold(self, row: Any) -> None:
+        """Take the lease on a run row this runner has just created (flushed with the rest of the row)."""
+        for column, value in self._lease().items():
+            setattr(row, column, value)
+
     def _renew(self, session: Session, run_id: str, values: dict[str, Any] | None = None) -> bool:
         """Renew this runner's lease on the run (with ``values``); False when it no longer holds it live."""
         return lease.renew(session, self.model, run_id, self.owner, self.lease_seconds, self.live, values)

@@ -121,8 +121,7 @@ class AssessmentRunner(BackgroundRunner):
                 owner_key=owner_key,
             )
             assessment.progress = {"items_done": 0, "items": self._expected(instrument, request)}
-            for column, value in self._lease().items():
-                setattr(assessment, column, value)
+            self._hold(assessment)
             return assessment.id, resolved, instrument
 
     def _store_instrument(self, inventory: str, turns: dialogue.DialogueSet | None) -> None:

@@ -105,8 +105,7 @@ class ReasoningRunner(BackgroundRunner):
                 lm_eval_version=version("lm_eval"),
                 progress={"units_done": 0, "units": len(keys) * len(tasks)},
             )
-            for column, value in self._lease().items():
-                setattr(run, column, value)
+            self._hold(run)
             return run.id
 
     async def submit(self, request: ReasoningRequest) -> str:
