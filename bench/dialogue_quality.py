@@ -3,7 +3,8 @@
 For every (decoding, adapter set) pair it runs the dialogue assessment of the ten trait-level
 conditions (held-out Speaker X turns, replies judged and measured by evaluator.quality) and,
 with ``--bfi``, the BFI-44 of the same personas (log-prob scoring, for the questionnaire
-coverage), then prints one table row per pair: the judge gap per trait beside repetition,
+coverage, and the high - low difference of each trait's BFI score: does the questionnaire follow the
+persona?), then prints one table row per pair: the judge gap per trait beside repetition,
 the worst cell's shared opening, distinct-2, relevance (ratio to the real replies of the same
 scenarios) and perplexity. Each pair's rows are appended to ``--out`` (JSON lines) as they finish.
 
@@ -129,10 +130,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     with stack.sessions() as session:
         coverage: dict[str, dict[str, float]] = {}
+        bfi_scores: dict[str, dict[str, float | None]] = {}  # set -> condition -> BFI score of its own trait
         for (set_label, dec_label, cond), p in planned.items():
             if dec_label == "bfi" and p.assessment_id:
                 summary = store.get(session, p.assessment_id).summary or {}
                 coverage.setdefault(set_label, {})[cond] = summary.get("coverage")
+                own = (summary.get("traits") or {}).get(cond.split("|")[0]) or {}
+                bfi_scores.setdefault(set_label, {})[cond] = own.get("mean")
         for set_label in sets:
             for dec_label in decodings:
                 replies: dict[str, Replies] = {}
@@ -154,7 +158,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if real is not None and row.relevance is not None and real.relevance:
                     row.relevance_ratio = row.relevance / real.relevance
                 rows.append(row)
-                record = {"set": set_label, "decoding": dec_label, "gaps": gaps, **row.to_dict()}
+                scores = bfi_scores.get(set_label, {})
+                pairs = {t.value: (scores.get(f"{t.value}|high"), scores.get(f"{t.value}|low")) for t in TRAITS}
+                bfi_gaps = {t: hi - lo for t, (hi, lo) in pairs.items() if hi is not None and lo is not None}
+                record = {"set": set_label, "decoding": dec_label, "gaps": gaps, "bfi_gaps": bfi_gaps, **row.to_dict()}
                 records.append(record)
                 with out.open("a") as f:
                     f.write(json.dumps({"date": str(dt.date.today()), **record, **decodings[dec_label]}) + "\n")
@@ -163,7 +170,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         print(f"  [{title} {cond}] {text!r}")
                 print(
                     f"{title}: gaps "
-                    + " ".join(f"{t[:1].upper()}{'-' if g is None else format(g, '+.2f')}" for t, g in gaps.items()),
+                    + " ".join(f"{t[:1].upper()}{'-' if g is None else format(g, '+.2f')}" for t, g in gaps.items())
+                    + (
+                        "; BFI-44 high - low "
+                        + " ".join(f"{t[:1].upper()}{g:+.2f}" for t, g in bfi_gaps.items())
+                        + " ("
+                        + ", ".join(f"{c} {v:.2f}" for c, v in scores.items() if v is not None)
+                        + ")"
+                        if bfi_gaps
+                        else ""
+                    ),
                     flush=True,
                 )
     print("\n```\n" + format_rows(rows) + "\n```")

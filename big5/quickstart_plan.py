@@ -35,7 +35,10 @@ from big5core.traits import TRAITS, Level, Trait
 # the NLL term its worst cell shares 8% and relevance is 0.85x, the judge gap >= +0.30 on every trait.
 # The unified adapters train with the answer-format term (`answer_format` 1, trainer/answer_format.py):
 # without it SFT unified answered half of BFI-44 (some conditions none) and DPO unified none; with it SFT
-# unified answers every item (issue 25, 2026-12-07; DPO with the term not yet measured).
+# unified answers every item (issue 25, 2026-12-07; DPO unified too). Its default target keeps the base
+# model's whole answer distribution; the "options" target (keep only the probability of answering with a
+# number) was measured too and did no better: judge gaps alike, and every BFI-44 item answered "1" at every
+# level, so the questionnaire stays flat either way on this model (docs/RESULTS.md, 2026-12-07, night).
 _E_A = ["extraversion:high", "extraversion:low", "agreeableness:high", "agreeableness:low"]
 QUICK_TRAINING: dict[str, dict[str, Any]] = {
     "sft-per-trait": {"method": "sft", "layout": "per-trait", "max_steps": 20, "learning_rate": 1e-3},

@@ -26,6 +26,12 @@ from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 INTERRUPTED = "interrupted: the process running it stopped"
 
 
+def renewed_in_time(heartbeat_seconds: float, lease_seconds: float) -> bool:
+    """The rule for every lease holder's settings: it renews more often than the lease runs out (a heartbeat
+    at or above the lease lets every lease expire between renewals). Each caller words its own error."""
+    return heartbeat_seconds < lease_seconds
+
+
 class db_now(FunctionElement[datetime]):  # noqa: N801 - reads like the SQL function it stands for
     """The database server's current time (UTC), optionally plus ``seconds``.
 

@@ -272,12 +272,17 @@ FORMAT_PROBE_STATEMENTS: tuple[str, ...] = (
 )
 
 
+def format_probe_scale(index: int) -> tuple[str, ...]:
+    """The answer scale of probe ``index`` (its options are the numbers 1..len)."""
+    return FORMAT_PROBE_SCALES[(index // 3) % len(FORMAT_PROBE_SCALES)]
+
+
 def format_probe_text(index: int) -> str:
     """The user message of probe ``index``: an instruction, an answer-format sentence (one of the option
     wordings, on one of the scales) and a statement, the combination cycling with ``index``."""
     statement = FORMAT_PROBE_STATEMENTS[index % len(FORMAT_PROBE_STATEMENTS)]
     instruction = FORMAT_PROBE_INSTRUCTIONS[(index // 2) % len(FORMAT_PROBE_INSTRUCTIONS)]
-    anchors = FORMAT_PROBE_SCALES[(index // 3) % len(FORMAT_PROBE_SCALES)]
+    anchors = format_probe_scale(index)
     wording = option_wording(anchors, (index // 5) % len(OPTION_WORDINGS))
     return f"{instruction} {wording}\n\nStatement: {statement}"
 

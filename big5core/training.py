@@ -123,9 +123,15 @@ class TrainSpec(ConditionsSpec):
     answer_format: float = Field(
         0.0,
         ge=0,
-        description="weight of the answer-format term beside the loss: KL from the base model of the first answer "
-        "token on rating questions whose statements are no inventory's (trainer/answer_format.py), so a persona "
-        "trained on dialogue still answers a questionnaire; 0 = none",
+        description="weight of the answer-format term beside the loss, on the first answer token of rating "
+        "questions whose statements are no inventory's (trainer/answer_format.py), so a persona trained on "
+        "dialogue still answers a questionnaire; 0 = none",
+    )
+    answer_format_target: Literal["options", "base"] = Field(
+        "base",
+        description="what the answer-format term keeps: 'options' = the probability of answering with one of "
+        "the scale's numbers (-log of their mass; which number stays free), 'base' = the base model's whole "
+        "distribution (KL from it: the number too)",
     )
     seed: int = 0
     test_fraction: float = Field(

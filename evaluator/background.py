@@ -43,7 +43,7 @@ class BackgroundRunner:
     def __init__(
         self, sessions: sessionmaker[Session], heartbeat_seconds: float, lease_seconds: int | float = LEASE_SECONDS
     ) -> None:
-        if heartbeat_seconds >= lease_seconds:
+        if not lease.renewed_in_time(heartbeat_seconds, lease_seconds):
             raise RunLeaseInvalid(f"heartbeat {heartbeat_seconds} s is not below the run's lease ({lease_seconds} s)")
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds

@@ -7,22 +7,33 @@ the base model. Its probes are rating questions in a questionnaire's shape whose
 inventory's and say nothing of a personality (:data:`big5core.prompts.FORMAT_PROBE_STATEMENTS`, on
 4-, 5- and 7-point scales and every answer-format wording), each under a condition's instruction for
 a unified adapter (rotating through the conditions) and bare for a per-trait one. At the first answer
-position of each probe,
+position of each probe the term is one of two (``TrainSpec.answer_format_target``):
 
-    term = KL(p_base || p_adapter)
+    options:  term = -log sum_k p_adapter(k)     over the scale's option numbers k = 1..points
+    base:     term = KL(p_base || p_adapter)     over the whole vocabulary
 
-over the whole vocabulary, the base model's distribution computed once (the adapter switched off)
-before the first step. It is added, times its weight, to the trainer's own loss on a few probes per
-step (``PROBES_PER_STEP``, cycling). On the statements of a real inventory the adapter stays free:
-what it learns here is to answer with a number, not which number.
+``options`` keeps the format alone: the adapter must answer with a number, and which number is left to
+what it learned from the dialogues. ``base`` keeps the base model's whole distribution, computed once (the
+adapter switched off) before the first step, and with it the base model's choice of number: with it the
+bundled model's trained personas answered BFI-44 like the base model (the same scores at high and low,
+issue 25). The term is added, times its weight, to the trainer's own loss on a few probes per step
+(``PROBES_PER_STEP``, cycling). The probes' statements are no real inventory's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from big5core.prompts import InstructionPlacement, format_probe_text, training_messages, unified_instruction
+from big5core.prompts import (
+    InstructionPlacement,
+    format_probe_scale,
+    format_probe_text,
+    training_messages,
+    unified_instruction,
+)
 from big5core.training import ALL_CONDITIONS, Layout, parse_conditions
+
+Target = Literal["options", "base"]
 
 N_PROBES = 120
 """Probes per adapter: every statement at least twice, in varying instructions, scales and wordings."""
@@ -44,13 +55,32 @@ def probe_prompts(
     return prompts
 
 
-class AnswerFormatTerm:
-    """The KL term over ``prompts`` (:func:`probe_prompts`), ``weight`` times, ``per_step`` probes a step."""
+def option_token_ids(tokenizer: Any, n: int = N_PROBES) -> list[list[int]]:
+    """The first token of each option number ``1..points`` of probe ``i``'s scale, for ``i < n``."""
+    first = {k: tokenizer.encode(str(k), add_special_tokens=False)[0] for k in range(1, 10)}
+    return [[first[k] for k in range(1, len(format_probe_scale(i)) + 1)] for i in range(n)]
 
-    def __init__(self, prompts: list[list[int]], weight: float, pad_id: int, per_step: int = PROBES_PER_STEP) -> None:
+
+class AnswerFormatTerm:
+    """The term over ``prompts`` (:func:`probe_prompts`), ``weight`` times, ``per_step`` probes a step:
+    ``target`` "options" needs ``options`` (:func:`option_token_ids`, one list per probe)."""
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        weight: float,
+        pad_id: int,
+        per_step: int = PROBES_PER_STEP,
+        *,
+        target: Target = "base",
+        options: list[list[int]] | None = None,
+    ) -> None:
         if not prompts:
             raise ValueError("the answer-format term needs at least one probe")
+        if target == "options" and (options is None or len(options) != len(prompts)):
+            raise ValueError("the 'options' answer-format term needs the option token ids of every probe")
         self.prompts, self.weight, self.pad_id = prompts, weight, pad_id
+        self.target, self.options = target, options
         self.per_step = min(per_step, len(prompts))
         self._next = 0
         self._base: Any = None  # [n_probes, vocab] log-probs of the base model at each probe's answer position
@@ -86,29 +116,41 @@ class AnswerFormatTerm:
             self._base = torch.cat(chunks)
         return self._base
 
+    @property
+    def metric(self) -> str:
+        """The name the term's value is logged under: ``format/kl`` or ``format/option_nll``."""
+        return "format/kl" if self.target == "base" else "format/option_nll"
+
     def loss(self, model: Any, peft_model: Any) -> tuple[Any, float]:
-        """``weight`` x the mean KL on this step's probes, and the KL itself (for the logs). ``model`` is
+        """``weight`` x the mean term on this step's probes, and the term itself (for the logs). ``model`` is
         the trainer's (maybe wrapped for several processes), ``peft_model`` the PEFT model inside it."""
-        base = self.base_logp(peft_model)
+        import torch
+
+        base = self.base_logp(peft_model) if self.target == "base" else None
         picked = [(self._next + k) % len(self.prompts) for k in range(self.per_step)]
         self._next = (self._next + self.per_step) % len(self.prompts)
         own = self._answer_logp(model, [self.prompts[i] for i in picked])
-        target = base[picked]
-        kl = (target.exp() * (target - own)).sum(dim=-1).mean()
-        return self.weight * kl, float(kl.detach())
+        if base is None:
+            assert self.options is not None
+            mass = [torch.logsumexp(own[j, self.options[i]], dim=0) for j, i in enumerate(picked)]
+            value = -torch.stack(mass).mean()
+        else:
+            target = base[picked]
+            value = (target.exp() * (target - own)).sum(dim=-1).mean()
+        return self.weight * value, float(value.detach())
 
 
 def answer_format_trainer(base: type, term: AnswerFormatTerm) -> type:
-    """``base`` (an SFT or DPO trainer class) with ``term`` added to its loss in training; the KL is
-    logged as ``format/kl``. Evaluation losses stay the trainer's own."""
+    """``base`` (an SFT or DPO trainer class) with ``term`` added to its loss in training; its value is
+    logged under ``term.metric``. Evaluation losses stay the trainer's own."""
 
     class AnswerFormatTrainer(base):  # type: ignore[misc, valid-type]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kw: Any) -> Any:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kw)
             if not model.training:
                 return result
-            extra, kl = term.loss(model, self.accelerator.unwrap_model(model))
-            self._metrics["train"]["format/kl"].append(kl)
+            extra, value = term.loss(model, self.accelerator.unwrap_model(model))
+            self._metrics["train"][term.metric].append(value)
             if return_outputs:
                 loss, outputs = result
                 return loss + extra, outputs

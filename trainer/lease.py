@@ -20,6 +20,7 @@ from big5core import jobs
 from big5core.db import transaction
 from big5core.errors import Conflict, Invalid
 from big5core.heartbeat import beat_every
+from big5core.lease import renewed_in_time
 from big5core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class LeaseSettingsInvalid(Invalid):
 def check_lease_settings(settings: Settings) -> None:
     """Refuse a heartbeat interval at or above the lease: every lease would expire between renewals."""
     lease, interval = settings.trainer.lease_seconds, settings.trainer.heartbeat_seconds
-    if interval >= lease:
+    if not renewed_in_time(interval, lease):
         raise LeaseSettingsInvalid(
             f"BIG5_TRAINER__HEARTBEAT_SECONDS ({interval}) must be below BIG5_TRAINER__LEASE_SECONDS ({lease}): "
             "the lease would expire before it is renewed and another worker would take the job over mid-training "

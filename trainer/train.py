@@ -131,7 +131,8 @@ CONDITIONING_METRICS = (
     "rewards/accuracies",
     "level/accuracy",  # the level-contrast SFT's: each reply more likely under its own level than the opposite
     "level/margin",
-    "format/kl",  # the answer-format term's KL from the base model on rating questions (trainer/answer_format.py)
+    "format/kl",  # the answer-format term on rating questions (trainer/answer_format.py): KL from the base model
+    "format/option_nll",  # or -log of the option numbers' probability
 )
 """Training metrics passed on to the progress callback beside the loss."""
 
@@ -353,10 +354,16 @@ def train_adapter(
         trainer_cls = DPOTrainer
         args = DPOConfig(**common, beta=spec.beta, **dpo_losses(spec))
     if spec.answer_format > 0:
-        from trainer.answer_format import AnswerFormatTerm, answer_format_trainer, probe_prompts
+        from trainer.answer_format import AnswerFormatTerm, answer_format_trainer, option_token_ids, probe_prompts
 
         probes = probe_prompts(tokenizer, spec.layout, spec.instruction_placement)
-        term = AnswerFormatTerm(probes, spec.answer_format, pad_id=int(tokenizer.pad_token_id))
+        term = AnswerFormatTerm(
+            probes,
+            spec.answer_format,
+            pad_id=int(tokenizer.pad_token_id),
+            target=spec.answer_format_target,
+            options=option_token_ids(tokenizer, len(probes)),
+        )
         trainer_cls = answer_format_trainer(trainer_cls, term)
     trainer = trainer_cls(
         model=model,

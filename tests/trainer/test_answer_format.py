@@ -1,6 +1,7 @@
-"""The answer-format term (issue 25): probes in a questionnaire's shape with no inventory's statements, a KL
-to the base model that is zero for an untrained adapter, and training that keeps the probes' answer
-distribution nearer the base model's than training without it (real TRL + PEFT on a tiny random Llama)."""
+"""The answer-format term (issue 25): probes in a questionnaire's shape with no inventory's statements; its
+two targets, a KL to the base model that is zero for an untrained adapter and -log of the option numbers'
+probability; training with either keeps the probes' answers nearer the format than training without it
+(real TRL + PEFT on a tiny random Llama)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from big5core.prompts import FORMAT_PROBE_STATEMENTS, format_probe_text, unified_instruction
+from big5core.prompts import FORMAT_PROBE_STATEMENTS, format_probe_scale, format_probe_text, unified_instruction
 from big5core.training import TrainSpec
 from big5core.traits import Level, Trait
 from evaluator.inventories import builtin_inventories
 from tests.model_support import make_tiny_llama
-from trainer.answer_format import AnswerFormatTerm, answer_format_trainer, probe_prompts
+from trainer.answer_format import AnswerFormatTerm, answer_format_trainer, option_token_ids, probe_prompts
 from trainer.train import load_dataset_rows, prepare, train_adapter
 
 
@@ -71,6 +72,41 @@ def test_the_term_is_zero_for_an_untrained_adapter_and_moves_lora_only(tiny_mode
     assert grads and all("lora_" in n for n in grads)
 
 
+def test_option_ids_are_each_probes_scale_numbers(bundled_model_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
+    ids = option_token_ids(tokenizer, 30)
+    assert {len(row) for row in ids} == {4, 5, 7}
+    for i, row in enumerate(ids):
+        assert [tokenizer.decode([t]) for t in row] == [str(k) for k in range(1, len(format_probe_scale(i)) + 1)]
+
+
+def test_the_options_term_is_minus_log_the_option_mass(tiny_model: Path) -> None:
+    """No base distribution is computed; the value is -log p(any option number) from the full logits, and
+    its gradient reaches the LoRA weights only."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = _peft(tiny_model)
+    rows, options = probe_prompts(tokenizer, "unified", "user", n=6), option_token_ids(tokenizer, 6)
+    with pytest.raises(ValueError, match="option token ids"):
+        AnswerFormatTerm(rows, 1.0, pad_id=0, target="options")
+    term = AnswerFormatTerm(rows, 3.0, pad_id=0, per_step=6, target="options", options=options)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        probs = [torch.softmax(model(input_ids=torch.tensor([r])).logits[0, -1].float(), dim=-1) for r in rows]
+    expected = -sum(float(torch.log(p[o].sum())) for p, o in zip(probs, options, strict=True)) / len(rows)
+    loss, value = term.loss(model, model)
+    assert term._base is None and term.metric == "format/option_nll"
+    assert abs(value - expected) < 1e-4 and abs(float(loss) - 3.0 * value) < 1e-4
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)
+
+
 def test_the_answer_log_probs_are_those_of_the_full_logits(tiny_model: Path) -> None:
     """Only the last positions' logits are computed; the answer position's log-probs are unchanged by it."""
     from transformers import AutoTokenizer
@@ -98,6 +134,8 @@ def test_wrapped_trainer_adds_the_term_only_in_training() -> None:
             return (1.0, "out") if return_outputs else 1.0
 
     class Term:
+        metric = "format/kl"
+
         def loss(self, model, peft_model):  # type: ignore[no-untyped-def]
             return 0.5, 0.25
 
@@ -109,7 +147,7 @@ def test_wrapped_trainer_adds_the_term_only_in_training() -> None:
     assert trainer._metrics["train"]["format/kl"] == [0.25, 0.25]
 
 
-def _probe_kl(tiny_model: Path, adapter: Path, layout: str) -> float:
+def _probe_term(tiny_model: Path, adapter: Path, layout: str, target: str = "base") -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,25 +155,31 @@ def _probe_kl(tiny_model: Path, adapter: Path, layout: str) -> float:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
     model.eval()
     probes = probe_prompts(tokenizer, layout, "user")  # type: ignore[arg-type]
-    term = AnswerFormatTerm(probes, 1.0, pad_id=0, per_step=len(probes))
+    options = option_token_ids(tokenizer, len(probes))
+    term = AnswerFormatTerm(probes, 1.0, pad_id=0, per_step=len(probes), target=target, options=options)  # type: ignore[arg-type]
     with torch.no_grad():
         return term.loss(model, model)[1]
 
 
-@pytest.mark.slow  # trains twice (DPO: the same wrapper, tested above without training)
-def test_training_with_the_term_keeps_the_answer_distribution(tiny_model: Path, tmp_path: Path) -> None:
-    method = "sft"
-    kls = {}
-    for weight in (0.0, 20.0):
+@pytest.mark.slow  # trains three times (DPO: the same wrapper, tested above without training)
+def test_training_with_the_term_keeps_the_answer_format(tiny_model: Path, tmp_path: Path) -> None:
+    """Against the same training without the term: the base target keeps the probes' answer distribution
+    nearer the base model's, the options target keeps more probability on the option numbers."""
+    runs = {"none": (0.0, "base"), "base": (20.0, "base"), "options": (20.0, "options")}
+    adapters = {}
+    for label, (weight, target) in runs.items():
         spec = TrainSpec(
-            method=method, layout="unified", max_steps=6, per_device_train_batch_size=2, max_length=160,
+            method="sft", layout="unified", max_steps=6, per_device_train_batch_size=2, max_length=160,
             warmup_steps=0, learning_rate=2e-2, save_steps=50, eval=False, answer_format=weight,
-            sft_weight=1.0 if method == "dpo" else 0.0,
+            answer_format_target=target,
         )  # fmt: skip
         rows, report = load_dataset_rows(spec)
         data = prepare(spec, rows, report, None)
-        out = tmp_path / f"{method}-{weight}"
-        result = train_adapter(spec, data, str(tiny_model), out, tmp_path / f"ckpt-{weight}", show_progress_bar=False)
+        out = tmp_path / label
+        result = train_adapter(spec, data, str(tiny_model), out, tmp_path / f"ckpt-{label}", show_progress_bar=False)
         assert result.steps == 6
-        kls[weight] = _probe_kl(tiny_model, out, "unified")
-    assert kls[20.0] < kls[0.0], kls
+        adapters[label] = out
+    kl = {k: _probe_term(tiny_model, adapters[k], "unified", "base") for k in ("none", "base")}
+    nll = {k: _probe_term(tiny_model, adapters[k], "unified", "options") for k in ("none", "options")}
+    assert kl["base"] < kl["none"], kl
+    assert nll["options"] < nll["none"], nll
