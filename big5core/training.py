@@ -80,6 +80,11 @@ class ConditionsSpec(BaseModel):
         return parse_conditions(self.conditions)
 
 
+AnswerFormatTarget = Literal["options", "base"]
+"""What the answer-format term keeps (trainer/answer_format.py): the option numbers' mass, or the base model's
+whole answer distribution."""
+
+
 class TrainSpec(ConditionsSpec):
     """Everything a training run needs besides the base model. Defaults follow BIG5-CHAT."""
 
@@ -127,7 +132,7 @@ class TrainSpec(ConditionsSpec):
         "questions whose statements are no inventory's (trainer/answer_format.py), so a persona trained on "
         "dialogue still answers a questionnaire; 0 = none",
     )
-    answer_format_target: Literal["options", "base"] = Field(
+    answer_format_target: AnswerFormatTarget = Field(
         "base",
         description="what the answer-format term keeps: 'options' = the probability of answering with one of "
         "the scale's numbers (-log of their mass; which number stays free), 'base' = the base model's whole "

@@ -22,7 +22,7 @@ issue 25). The term is added, times its weight, to the trainer's own loss on a f
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from big5core.prompts import (
     InstructionPlacement,
@@ -31,9 +31,7 @@ from big5core.prompts import (
     training_messages,
     unified_instruction,
 )
-from big5core.training import ALL_CONDITIONS, Layout, parse_conditions
-
-Target = Literal["options", "base"]
+from big5core.training import ALL_CONDITIONS, AnswerFormatTarget, Layout, parse_conditions
 
 N_PROBES = 120
 """Probes per adapter: every statement at least twice, in varying instructions, scales and wordings."""
@@ -72,7 +70,7 @@ class AnswerFormatTerm:
         pad_id: int,
         per_step: int = PROBES_PER_STEP,
         *,
-        target: Target = "base",
+        target: AnswerFormatTarget = "base",
         options: list[list[int]] | None = None,
     ) -> None:
         if not prompts:
