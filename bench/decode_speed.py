@@ -6,7 +6,8 @@ turns of the bundled data, ``--tokens`` tokens each, ``ignore_eos`` so every mod
 greedy; the default decoding with a seed per reply (the assessment's); the same unseeded; T=0.7 seeded
 without penalties. Modes alternate for ``--rounds`` rounds; the median per mode and its ratio to greedy
 are printed, and beside them the assessment's other engine pass over the same replies: their perplexity
-under the base model (evaluator.quality.base_perplexities, prompt log-probs).
+under the base model (evaluator.quality.base_perplexities, prompt log-probs), each round of replies new to
+the engine's prefix cache (generated under a persona's system prompt, untimed), as a new condition's are.
 
     python bench/decode_speed.py [--prompts 48] [--tokens 48] [--rounds 3] [--lora]
 """
@@ -28,6 +29,9 @@ from big5core.settings import get_settings
 from big5engine.engine import PersonaEngine
 from big5engine.modelstore import resolve_base_model
 from evaluator.quality import base_perplexities
+
+PPL = "perplexity pass (base model)"
+PERSONAS = ("You are a cheerful pirate.", "You are a grumpy accountant.", "You are a shy poet.", "You are a coach.")
 
 
 def speaker_x_turns(n: int) -> list[str]:
@@ -53,7 +57,7 @@ def main() -> None:
             DEFAULT_DECODING, frequency_penalty=0.0, presence_penalty=0.0
         ).sampling(args.tokens, seed=i, ignore_eos=True),
     }
-    times: dict[str, list[float]] = {m: [] for m in [*modes, "perplexity pass (base model)"]}
+    times: dict[str, list[float]] = {m: [] for m in [*modes, PPL]}
     with tempfile.TemporaryDirectory() as tmp:
         engine = PersonaEngine(resolve_base_model(settings), settings.engine, enable_lora=args.lora, work_dir=Path(tmp))
         engine.start()
@@ -71,9 +75,15 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for name, make in modes.items():
                         times[name].append(await batch(make))
+                    # as in a dialogue assessment, the replies scored are a persona's, new to the engine's
+                    # prefix cache (replies generated from the very prompt scored would be cached already)
+                    persona = [ChatMessage(role="system", content=PERSONAS[len(times[PPL]) % len(PERSONAS)])]
+                    outs = await asyncio.gather(
+                        *(engine.generate(persona + p, modes["default, seeded"](i)) for i, p in enumerate(prompts))
+                    )
                     t0 = time.monotonic()
-                    await base_perplexities(engine, [p[0]["content"] for p in prompts], replies)
-                    times["perplexity pass (base model)"].append(time.monotonic() - t0)
+                    await base_perplexities(engine, [p[0]["content"] for p in prompts], [o.text for o in outs])
+                    times[PPL].append(time.monotonic() - t0)
 
             asyncio.run(go())
         finally:

@@ -65,8 +65,14 @@ class LogprobScoring(EngineBase):
         :func:`encode_pair`; no special tokens are added, so render chat templates first) or token
         ids (each continuation is then tokenised on its own and appended). An empty prompt is
         preceded by the BOS (else EOS) token so that the first continuation token has a context.
-        One vLLM request per continuation, all in flight together, each with ``prompt_logprobs``
-        (vLLM reads no prefix cache for such requests, so each prompt is computed in full).
+        One vLLM request per continuation, all in flight together, each with ``prompt_logprobs``.
+
+        The requests read the prefix cache (vLLM would skip it for prompt log-probs by default): a
+        context scored before (the same question under several answers, the same user turn under
+        several replies) is not computed again. vLLM returns log-probs only for the positions it
+        computed, so a request whose cached prefix reaches into the continuation (``num_cached_tokens``
+        at least the context's length) is run again without the cache. Nothing is detokenised: the
+        scores need token ids only.
         """
         self._require()
         from vllm import SamplingParams
@@ -86,14 +92,25 @@ class LogprobScoring(EngineBase):
             if len(context_ids) + len(cont_ids) + 1 > self._max_model_len:
                 raise PromptTooLong(len(context_ids) + len(cont_ids), 1, self._max_model_len)
             pairs.append((context_ids, cont_ids))
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        cached = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            skip_reading_prefix_cache=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
+        uncached = cached.clone()
+        uncached.skip_reading_prefix_cache = True
         lora_request = self._lora_request(lora)
 
         async def one(context_ids: list[int], cont_ids: list[int]) -> ContinuationScore:
-            prepared = Prepared(context_ids + cont_ids, params, lora_request, uuid.uuid4().hex)
-            rows = (await self._final_on_loop(prepared)).prompt_logprobs
+            prepared = Prepared(context_ids + cont_ids, cached, lora_request, uuid.uuid4().hex)
+            output = await self._final_on_loop(prepared)
+            if (output.num_cached_tokens or 0) >= len(context_ids):  # a continuation position was not computed
+                prepared = Prepared(prepared.token_ids, uncached, lora_request, uuid.uuid4().hex)
+                output = await self._final_on_loop(prepared)
+            rows = output.prompt_logprobs
             if rows is None:
                 raise RuntimeError(f"request {prepared.request_id} returned no prompt log-probabilities")
             total, greedy = 0.0, True

@@ -88,3 +88,52 @@ def test_continuation_logprobs_empty_prompt_and_errors(engine: PersonaEngine) ->
     assert score.n_tokens == len(engine.encode("Hello")) and score.logprob < 0
     with pytest.raises(ValueError, match="no tokens"):
         asyncio.run(engine.continuation_logprobs("Hello", [""]))
+
+
+@pytest.mark.slow
+def test_continuation_logprobs_reuse_the_prefix_cache_and_rerun_when_it_reaches_the_continuation(
+    engine: PersonaEngine, bundled_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A context scored again is read from the prefix cache (its log-probs still match transformers); a
+    request whose cached prefix covers part of the continuation (the same pair scored twice) is rerun
+    without the cache, since vLLM returns no log-probs for positions it did not compute."""
+    turn = " ".join(["I spent the whole weekend repainting the fence, and the neighbours kept stopping by."] * 4)
+    prompt = engine.render([ChatMessage(role="user", content=turn)])
+    continuations = [
+        "That sounds like a lot of work, but also a nice way to meet the people who live around you, and a "
+        "fence that looks new again is worth a weekend.",
+        "Why bother?",
+    ]
+    seen: list[tuple[int, int, bool]] = []  # (prompt tokens, cached tokens, cache read)
+    original = engine._final_on_loop
+
+    async def spy(prepared: Any) -> Any:
+        output = await original(prepared)
+        seen.append(
+            (len(prepared.token_ids), output.num_cached_tokens or 0, not prepared.params.skip_reading_prefix_cache)
+        )
+        return output
+
+    monkeypatch.setattr(engine, "_final_on_loop", spy)
+    context_len = len(encode_pair(engine.tokenizer, prompt, continuations[0])[0])
+    assert context_len > 2 * 32  # two KV blocks of the context can be cached
+    expected = [reference(bundled_model_path, *encode_pair(engine.tokenizer, prompt, c)) for c in continuations]
+    for attempt in range(3):
+        seen.clear()
+        scores = asyncio.run(engine.continuation_logprobs(prompt, continuations))
+        for score, (logprob, greedy) in zip(scores, expected, strict=True):
+            assert score.logprob == pytest.approx(logprob, abs=2e-3 * score.n_tokens), attempt
+            assert score.greedy == greedy
+        reads = [(cached, read) for _, cached, read in seen]
+        reruns = sum(1 for _, read in reads if not read)
+        # a rerun follows exactly the cache reads that reached the continuation
+        assert reruns == sum(1 for cached, read in reads if read and cached >= context_len)
+        if attempt:  # warm: the long pair's full KV blocks reach into its reply, so it is rerun
+            assert reruns >= 1 and all(cached > 0 for cached, read in reads if read)
+    seen.clear()
+    (score,) = asyncio.run(engine.continuation_logprobs(prompt, ["A new reply that was never scored before."]))
+    assert len(seen) == 1 and 0 < seen[0][1] < context_len  # the context's blocks read, the reply computed
+    logprob, _ = reference(
+        bundled_model_path, *encode_pair(engine.tokenizer, prompt, "A new reply that was never scored before.")
+    )
+    assert score.logprob == pytest.approx(logprob, abs=2e-3 * score.n_tokens)
